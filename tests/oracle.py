@@ -1,0 +1,74 @@
+"""Independent oracles for the tests: tiny transformers models and dense attention.
+
+``run_attention`` runs a transformers model on random inputs with every position id
+at 0 (RoPE becomes the identity) and captures the input and output of one layer's
+attention block; ``rebuild_attention`` recomputes that output from tuckerctl's head
+stacks alone, densely in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+torch.manual_seed(0)
+
+
+def save_tiny(model_cls, config, path):
+    """Instantiate a random model from ``config`` and ``save_pretrained`` it."""
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    # Random non-trivial norm gains / biases so that folding mistakes show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name.lower() else 0.0))
+    model.save_pretrained(path)
+    return model
+
+
+def capture(model, module, inputs: dict):
+    """Run ``model(**inputs)`` and return (input hidden states, output) of ``module``."""
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["y"] = out[0] if isinstance(out, tuple) else out
+
+    h = module.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    return seen["x"][0].double(), seen["y"][0].double()
+
+
+def rebuild_attention(layer, spec, x, causal: bool, q_scale=None, k_scale=None, alibi=None):
+    """Attention output from the head stacks: sum_h softmax(s x W[h] x^T) x Wt[h]^T + b_O.
+
+    ``q_scale``/``k_scale``: optional per-token, per-head scalars (H, N) for qk-norm
+    models (the 1/rms factors outside the bilinear form)."""
+    W = layer.pre.to(dtype=torch.float64).dense()
+    Wt = layer.post.to(dtype=torch.float64).dense()
+    N = x.shape[0]
+    ones = torch.ones(N, 1, dtype=x.dtype)
+    xq = torch.cat([x, ones], 1) if W.shape[1] == x.shape[1] + 1 else x
+    xv = torch.cat([x, ones], 1) if Wt.shape[2] == x.shape[1] + 1 else x
+    logits = spec.scale * torch.einsum("id,hde,je->hij", xq, W, xq)
+    if q_scale is not None:
+        logits = logits * q_scale[:, :, None] * k_scale[:, None, :]
+    if spec.extras.get("softcap"):
+        c = spec.extras["softcap"]
+        logits = c * torch.tanh(logits / c)
+    if alibi is not None:
+        logits = logits + alibi
+    if causal:
+        mask = torch.ones(N, N, dtype=torch.bool).triu(1)
+        logits = logits.masked_fill(mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    y = torch.einsum("hij,je,hde->id", p, xv, Wt)
+    if layer.out_bias is not None:
+        y = y + layer.out_bias.double()
+    return y
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm())

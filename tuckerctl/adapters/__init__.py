@@ -1,0 +1,82 @@
+"""Architecture adapters: detect a checkpoint's family and read its layers.
+
+``detect`` picks the adapter from ``config.json``'s ``model_type`` (or the nested
+``text_config`` of multimodal checkpoints), or, without a config, from tensor names
+plus ``--heads``/``--kv-heads``/``--head-dim``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from .base import Adapter, LayerWeights, ModelSpec
+from .llama import LlamaLike
+
+ADAPTERS: list[Adapter] = [LlamaLike()]
+
+# Optional families live in their own modules; each registers on import.
+for _mod in ("encoders", "fused", "mla"):
+    try:
+        _m = __import__(f"{__name__}.{_mod}", fromlist=["ADAPTERS"])
+        ADAPTERS.extend(_m.ADAPTERS)
+    except ModuleNotFoundError as e:  # module not written yet
+        if e.name != f"{__name__}.{_mod}":
+            raise
+
+# Command-line overrides, written under every config alias the adapters read.
+_ALIASES = {
+    "heads": ("num_attention_heads", "n_head", "n_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
+    "head_dim": ("head_dim",),
+}
+
+
+def family_adapter(family: str) -> Adapter:
+    for a in ADAPTERS:
+        if family in a.families:
+            return a
+    known = sorted(f for a in ADAPTERS for f in a.families)
+    raise InputError(f"unknown family {family!r} (model_type); supported: {', '.join(known)}")
+
+
+def _text_config(cfg: dict) -> dict:
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and text.get("model_type") and cfg.get("model_type") not in (
+            f for a in ADAPTERS for f in a.families):
+        return {**text}
+    return cfg
+
+
+def detect(ckpt: Checkpoint, heads: int | None = None, kv_heads: int | None = None,
+           head_dim: int | None = None, family: str | None = None) -> tuple[Adapter, ModelSpec]:
+    """Choose the adapter and read the model's attention structure."""
+    cfg = _text_config(dict(ckpt.config or {}))
+    overrides = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    for key, value in overrides.items():
+        if value is not None:
+            for alias in _ALIASES[key]:
+                cfg[alias] = value
+    src = str(ckpt.config_path or ckpt.path)
+    family = family or cfg.get("model_type")
+    if family:
+        adapter = family_adapter(family)
+        cfg.setdefault("model_type", family)
+    else:
+        matches = [a for a in ADAPTERS
+                   if a.signature and any(re.search(a.signature + "$", n) for n in ckpt.names())]
+        if not matches:
+            raise InputError(f"{ckpt.path}: no config.json and no known attention tensor names; "
+                             f"give --config or --family")
+        adapter = matches[0]
+        if heads is None:
+            raise InputError(f"{ckpt.path}: no config.json beside it: give --config, or --heads "
+                             f"(and --kv-heads/--head-dim where needed)")
+    spec = adapter.spec(ckpt, cfg, {k: v for k, v in overrides.items() if v is not None})
+    if not ckpt.config:
+        spec.notes.insert(0, f"no config.json: structure inferred from tensor names and --heads={heads}")
+    return adapter, spec
+
+
+__all__ = ["ADAPTERS", "Adapter", "LayerWeights", "ModelSpec", "detect", "family_adapter"]

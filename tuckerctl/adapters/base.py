@@ -1,0 +1,196 @@
+"""What every architecture adapter produces, and the helpers they share.
+
+An adapter reads one family's tensors (any name prefix) and config keys and yields,
+per layer, the two head stacks of DESIGN.md section 2:
+
+* ``pre``:  W[h]  = A_h B_g(h)^T        (head, query, key)
+* ``post``: Wt[h] = O_h^T V_g(h)^T      (head, output, value)
+
+with A_h = W_Q^h (d x d_h), B_g = W_K^g, V_g = W_V^g (d x d_h) and O_h = W_O^h
+(d_h x d). Biases are appended as a last row (homogeneous coordinates x = [x, 1]):
+the query/key modes then have size d + 1, the value mode d + 1 when v has a bias.
+Norm gains between projections are folded into the adjacent factor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..multilinear import HeadStack
+
+
+@dataclass
+class ModelSpec:
+    """The detected attention structure of a model (everything outside the tensors)."""
+
+    family: str  # config model_type, e.g. "llama"
+    attention: str  # "MHA" | "GQA" | "MQA" | "MLA"
+    layers: int
+    d: int
+    heads: int
+    kv_heads: int
+    head_dim: int  # query/key width per head (MLA: nope + rope)
+    value_dim: int
+    bias: bool  # any q/k/v bias (homogeneous coordinates in use)
+    rope: bool
+    qk_norm: bool
+    scale: float  # logit = scale * x^T W[h] x
+    extras: dict = field(default_factory=dict)  # softcap, alibi, clip_qkv, MLA ranks, ...
+    notes: list[str] = field(default_factory=list)  # guesses and caveats, shown to the user
+    prefix: str = ""  # tensor-name prefix in front of the layer stack
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in (
+            "family", "attention", "layers", "d", "heads", "kv_heads", "head_dim",
+            "value_dim", "bias", "rope", "qk_norm", "scale")}
+        out.update(self.extras)
+        out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass
+class LayerWeights:
+    """One layer's attention as two head stacks plus what stays outside them."""
+
+    index: int
+    pre: HeadStack
+    post: HeadStack
+    out_bias: Tensor | None
+    tensors: list[str]  # checkpoint tensors read for this layer
+    params: int  # attention projection parameters in the checkpoint (biases excluded)
+
+
+class Adapter:
+    """Base class: subclasses set ``families`` and ``signature`` and implement
+    ``spec`` and ``layer``."""
+
+    families: tuple[str, ...] = ()
+    # Regex on tensor names that identifies the family without a config (its group 1
+    # must be the layer index).
+    signature: str = ""
+
+    def spec(self, ckpt: Checkpoint, cfg: dict, overrides: dict) -> ModelSpec:
+        raise NotImplementedError
+
+    def layer(self, ckpt: Checkpoint, spec: ModelSpec, i: int) -> LayerWeights:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- config helpers
+
+def cfg_get(cfg: dict, *keys: str, default=None):
+    """First present, non-null value among ``keys`` (config key aliases)."""
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def require(cfg: dict, source: str, *keys: str):
+    value = cfg_get(cfg, *keys)
+    if value is None:
+        raise InputError(f"{source}: missing field {keys[0]!r}")
+    return value
+
+
+def find_layers(ckpt: Checkpoint, suffix: str) -> tuple[str, dict[int, str]]:
+    """Match ``<prefix><layer>.<suffix>`` where the stack looks like ``...layers.{i}``
+    or ``...h.{i}``; returns (prefix, {layer: name}). ``suffix`` is a regex whose
+    text before the layer index is given as ``(?P<stack>...)``.
+
+    Several prefixes (e.g. a vision tower beside the language model) are an error
+    unless one of them is the language model's."""
+    rx = re.compile(r"^(?P<prefix>.*?)" + suffix + r"$")
+    found: dict[str, dict[int, str]] = {}
+    for name in ckpt.names():
+        m = rx.match(name)
+        if m:
+            found.setdefault(m.group("prefix"), {})[int(m.group("layer"))] = name
+    if not found:
+        return "", {}
+    if len(found) > 1:
+        text = [p for p in found if "language_model" in p or "text" in p]
+        if len(text) != 1:
+            raise InputError(f"{ckpt.path}: attention tensors under several prefixes "
+                             f"({', '.join(repr(p) for p in sorted(found))}); cannot tell which stack to read")
+        return text[0], found[text[0]]
+    return next(iter(found.items()))
+
+
+def check_shape(ckpt: Checkpoint, name: str, expected: tuple[int, ...], what: str) -> None:
+    shape = tuple(ckpt.shape(name))
+    if shape != tuple(expected):
+        raise InputError(f"{ckpt.path}: tensor {name!r} has shape {list(shape)}, but {what} "
+                         f"implies {list(expected)}")
+
+
+def default_scale(head_dim: int) -> float:
+    return head_dim ** -0.5
+
+
+def attention_kind(heads: int, kv_heads: int) -> str:
+    return "MHA" if kv_heads == heads else ("MQA" if kv_heads == 1 else "GQA")
+
+
+def check_heads(source: str, d: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    for name, v in (("hidden size", d), ("heads", heads), ("kv heads", kv_heads), ("head dim", head_dim)):
+        if not isinstance(v, int) or v <= 0:
+            raise InputError(f"{source}: {name} must be a positive integer, got {v!r}")
+    if heads % kv_heads:
+        raise InputError(f"{source}: {heads} heads are not divisible by {kv_heads} kv heads")
+
+
+# ---------------------------------------------------------------- stack builders
+
+def homogeneous(weight_t: Tensor, bias: Tensor | None, use: bool) -> Tensor:
+    """(k, d, w) per-head factors -> (k, d + 1, w) with the bias as last row when ``use``."""
+    if not use:
+        return weight_t
+    k, d, w = weight_t.shape
+    row = torch.zeros(k, 1, w, dtype=weight_t.dtype) if bias is None else bias.reshape(k, 1, w).to(weight_t.dtype)
+    return torch.cat([weight_t, row], dim=1)
+
+
+def per_head(weight: Tensor, n: int, width: int) -> Tensor:
+    """nn.Linear weight [n*width, d] -> per-head factors (n, d, width), i.e. W^h = rows^T."""
+    return weight.reshape(n, width, weight.shape[1]).transpose(1, 2)
+
+
+def separate_layer(
+    index: int,
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+    heads: int, kv_heads: int, head_dim: int, value_dim: int | None = None,
+    bq: Tensor | None = None, bk: Tensor | None = None, bv: Tensor | None = None,
+    bo: Tensor | None = None,
+    q_gain: Tensor | None = None, k_gain: Tensor | None = None,
+    tensors: list[str] | None = None, params: int | None = None,
+) -> LayerWeights:
+    """Build both head stacks from nn.Linear-layout projections.
+
+    q: [H*d_h, d], k: [G*d_h, d], v: [G*d_v, d], o: [d, H*d_v] (y = W x + b).
+    ``q_gain``/``k_gain``: per-channel qk-norm gains, shape (H, d_h)/(G, d_h) or
+    broadcastable, folded into the factors' columns."""
+    value_dim = value_dim or head_dim
+    qk_bias = bq is not None or bk is not None
+    A = homogeneous(per_head(q, heads, head_dim), bq, qk_bias)
+    B = homogeneous(per_head(k, kv_heads, head_dim), bk, qk_bias)
+    if q_gain is not None:
+        A = A * q_gain.reshape(-1, 1, head_dim) if q_gain.numel() > head_dim else A * q_gain.reshape(1, 1, head_dim)
+    if k_gain is not None:
+        B = B * k_gain.reshape(-1, 1, head_dim) if k_gain.numel() > head_dim else B * k_gain.reshape(1, 1, head_dim)
+    V = homogeneous(per_head(v, kv_heads, value_dim), bv, bv is not None)
+    O_t = o.reshape(o.shape[0], heads, value_dim).permute(1, 0, 2)  # (H, d, d_v) = O_h^T
+    if params is None:
+        params = q.numel() + k.numel() + v.numel() + o.numel()
+    return LayerWeights(index, HeadStack(A, B), HeadStack(O_t, V), bo, tensors or [], params)
+
+
+def numel(shape) -> int:
+    return math.prod(shape)

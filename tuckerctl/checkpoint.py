@@ -1,0 +1,223 @@
+"""Lazy, validated reading of safetensors checkpoints (single file or sharded).
+
+A :class:`Checkpoint` maps tensor names to lazily read float32 tensors. Nothing is
+read until :meth:`Checkpoint.get` is called, so peak memory is bounded by what the
+caller holds (one layer's attention weights). Headers are validated up front so that
+a truncated file or a header that lies about sizes is a one-line :class:`InputError`,
+not a crash halfway through an analysis.
+
+GGUF files are read by :mod:`tuckerctl.gguf_reader`, which presents the same
+interface with Hugging Face tensor names and config keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import InputError
+
+# Bytes per element of each safetensors dtype.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what the header says about it."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; return (tensors, __metadata__)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise InputError(f"{path}: truncated or not safetensors (header length {n} "
+                                 f"exceeds file size {size})")
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in DTYPE_SIZES:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - begin != expected or begin < 0:
+            raise InputError(f"{path}: tensor {name!r} header lies about its size "
+                             f"({end - begin} bytes for {dtype}{list(shape)}, expected {expected})")
+        if end > data_size:
+            raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {end} "
+                             f"but the file holds {data_size} data bytes")
+        tensors[name] = TensorInfo(path, dtype, shape)
+    return tensors, metadata
+
+
+def _find_files(path: Path) -> tuple[list[Path], Path | None]:
+    """Resolve a user path to (safetensors files, index file or None)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return [], path
+        return [path], None
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise InputError(f"{path}: several index files ({', '.join(p.name for p in indexes)})")
+    if indexes:
+        return [], indexes[0]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path}: no .safetensors file and no *.safetensors.index.json")
+    if len(files) > 1 and (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    elif len(files) > 1:
+        raise InputError(f"{path}: {len(files)} .safetensors files but no index.json to tie them")
+    return files, None
+
+
+def _read_index(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
+    files = sorted({index.parent / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise InputError(f"{index}: missing shard {f.name}")
+    return files
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint opened lazily: names, shapes, dtypes; data on demand."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict | None = None
+    config_path: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "safetensors"
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self._info(name).dtype
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError(f"{self.path}: missing tensor {name!r}") from None
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Read one tensor, dequantising block-FP8 (``*_scale_inv``), as ``dtype``."""
+        info = self._info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        t = handle.get_tensor(name)
+        if info.dtype.startswith("F8"):
+            t = self._dequantise_fp8(name, t)
+        return t.to(dtype)
+
+    def _dequantise_fp8(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        scale_name = name + "_scale_inv"
+        if scale_name not in self.tensors:
+            raise InputError(f"{self.path}: FP8 tensor {name!r} has no {scale_name!r}")
+        scale = self.get(scale_name, torch.float32)
+        rows, cols = t.shape
+        block = (self.config or {}).get("quantization_config", {}).get("weight_block_size")
+        br, bc = block or (math.ceil(rows / scale.shape[0]), math.ceil(cols / scale.shape[1]))
+        if scale.shape != (math.ceil(rows / br), math.ceil(cols / bc)):
+            raise InputError(f"{self.path}: {scale_name!r} has shape {tuple(scale.shape)}, "
+                             f"which does not tile {name!r} {tuple(t.shape)} in {br}x{bc} blocks")
+        full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+        return t.to(torch.float32) * full
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+
+def load_config(path: Path) -> dict:
+    """Read a config.json, naming the file in any error."""
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:
+        raise InputError(f"{path}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: config is not a JSON object")
+    return cfg
+
+
+def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
+    """Open a ``.safetensors`` file, a sharded directory, a directory with one file,
+    or a ``.gguf`` file. ``config`` overrides the ``config.json`` found beside it."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from .gguf_reader import open_gguf  # optional dependency
+
+        ckpt = open_gguf(path)
+    else:
+        files, index = _find_files(path)
+        if index is not None:
+            files = _read_index(index)
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for f in files:
+            found, meta = read_header(f)
+            metadata.update(meta)
+            for name, info in found.items():
+                if name in tensors:
+                    raise InputError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+                tensors[name] = info
+        ckpt = Checkpoint(path=path, tensors=tensors, metadata=metadata)
+        beside = (path if path.is_dir() else path.parent) / "config.json"
+        if config is None and beside.exists():
+            config = beside
+    if config is not None:
+        ckpt.config = load_config(Path(config))
+        ckpt.config_path = Path(config)
+    return ckpt

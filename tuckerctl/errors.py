@@ -1,0 +1,12 @@
+"""Errors that the CLI turns into one-line messages and exit codes."""
+
+
+class InputError(Exception):
+    """Bad usage or unreadable/unsupported input: exit code 2, no traceback.
+
+    The message must name the file, tensor or field at fault.
+    """
+
+
+class CheckFailed(Exception):
+    """A requested check did not hold (e.g. error above --max-error): exit code 1."""

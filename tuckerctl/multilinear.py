@@ -1,0 +1,319 @@
+"""Structured multilinear algebra on stacks of per-head bilinear forms.
+
+The object is an order-3 tensor ``W`` (heads x m x n) given by factors,
+
+    W[h] = Lb @ left[h] @ right[g(h)].T @ Rb.T,      g(h) = h // (H // G),
+
+with optional shared bases ``Lb`` (m x p) and ``Rb`` (n x q) (MLA's latent
+projections) and per-head/per-group coefficients. Everything here works on the
+factors: mode spectra, truncated HOSVD, HOOI, core and errors, without forming
+``W`` (see DESIGN.md section 4). ``dense`` exists for small tensors and tests.
+
+All routines take and return torch tensors on the stack's device; callers pick
+float64 (recommended; the reductions are cheap) or float32. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Elements of scratch space per chunk in the chunked Gram products.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class HeadStack:
+    """``W[h] = left_basis @ left[h] @ right[g(h)].T @ right_basis.T``.
+
+    ``left``: (H, p, r) per-head factors; ``right``: (G, q, r) per-group factors;
+    ``left_basis`` (m, p) and ``right_basis`` (n, q) are optional shared bases
+    (identity when None). Mode 1 is the head, mode 2 the left (query/output),
+    mode 3 the right (key/value) embedding side.
+    """
+
+    left: Tensor
+    right: Tensor
+    left_basis: Tensor | None = None
+    right_basis: Tensor | None = None
+
+    def __post_init__(self):
+        H, p, r = self.left.shape
+        G, q, r2 = self.right.shape
+        if r != r2 or G == 0 or H % G:
+            raise ValueError(f"incompatible head stack: left {tuple(self.left.shape)}, "
+                             f"right {tuple(self.right.shape)}")
+        if self.left_basis is not None and self.left_basis.shape[1] != p:
+            raise ValueError("left_basis does not match left factors")
+        if self.right_basis is not None and self.right_basis.shape[1] != q:
+            raise ValueError("right_basis does not match right factors")
+
+    @property
+    def heads(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.right.shape[0]
+
+    @property
+    def group_of(self) -> Tensor:
+        """g(h) = h // (H // G) for every head."""
+        return torch.arange(self.heads, device=self.left.device) // (self.heads // self.groups)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        m = self.left.shape[1] if self.left_basis is None else self.left_basis.shape[0]
+        n = self.right.shape[1] if self.right_basis is None else self.right_basis.shape[0]
+        return (self.heads, m, n)
+
+    @property
+    def ceilings(self) -> tuple[int, int, int]:
+        """Rank bounds implied by the factor shapes (DESIGN section 3, made exact):
+        left/right modes are bounded by the width of what spans them."""
+        H, m, n = self.shape
+        r = self.left.shape[2]
+        left = min(m, self.left.shape[1] if self.left_basis is not None else H * r)
+        right = min(n, self.right.shape[1] if self.right_basis is not None else self.groups * r)
+        return (min(H, left * right), min(left, H * r), min(right, H * r))
+
+    def to(self, device=None, dtype=None) -> "HeadStack":
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return HeadStack(move(self.left), move(self.right), move(self.left_basis), move(self.right_basis))
+
+    def head_slices(self, heads: slice | Tensor | None = None) -> Tensor:
+        """Dense slices W[h] for the selected heads: (k, m, n). O(k m n) memory."""
+        idx = torch.arange(self.heads, device=self.left.device)[heads if heads is not None else slice(None)]
+        L = self.left[idx]
+        R = self.right[self.group_of[idx]]
+        if self.left_basis is not None:
+            L = self.left_basis @ L
+        if self.right_basis is not None:
+            R = self.right_basis @ R
+        return L @ R.transpose(1, 2)
+
+    def dense(self) -> Tensor:
+        """The full tensor (H, m, n). Only for small models and tests."""
+        return self.head_slices()
+
+
+@dataclass
+class Reduced:
+    """A head stack rewritten with orthonormal bases: W[h] = QL lc[h] rc[g].T QR.T.
+
+    ``QL`` (m x p) and ``QR`` (n x q) have orthonormal columns (None = identity), so
+    every mode spectrum of ``W`` equals that of the small coefficient tensor.
+    """
+
+    lc: Tensor  # (H, p, r)
+    rc: Tensor  # (G, q, r)
+    QL: Tensor | None
+    QR: Tensor | None
+    group: Tensor
+    shape: tuple[int, int, int]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rc_heads(self) -> Tensor:
+        """Right coefficients expanded to one per head: (H, q, r)."""
+        return self.rc[self.group]
+
+    def lift_left(self, U: Tensor) -> Tensor:
+        return U if self.QL is None else self.QL @ U
+
+    def lift_right(self, U: Tensor) -> Tensor:
+        return U if self.QR is None else self.QR @ U
+
+
+def _orthonormal_side(factors: Tensor, basis: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Return (coefficients, Q) with factors_k = Q @ coefficients_k, Q orthonormal."""
+    if basis is not None:
+        Q, R = torch.linalg.qr(basis)
+        return R @ factors, Q
+    k, m, r = factors.shape
+    if m <= k * r:
+        return factors, None
+    stacked = factors.permute(1, 0, 2).reshape(m, k * r)
+    Q, R = torch.linalg.qr(stacked)
+    return R.reshape(k * r, k, r).permute(1, 0, 2), Q
+
+
+def reduce(stack: HeadStack) -> Reduced:
+    """Orthonormalise the spans of both embedding sides (thin QR), shrinking GQA/MLA
+    key and value modes to G*d_h or the latent width before any SVD."""
+    lc, QL = _orthonormal_side(stack.left, stack.left_basis)
+    rc, QR = _orthonormal_side(stack.right, stack.right_basis)
+    return Reduced(lc, rc, QL, QR, stack.group_of, stack.shape)
+
+
+def _r_factors(x: Tensor) -> Tensor:
+    """Triangular factors of per-block thin QRs: x_k = P_k T_k, returns T (k, min, r)."""
+    return torch.linalg.qr(x, mode="r")[1]
+
+
+def _left_unfolding_core(red: Reduced) -> Tensor:
+    """Matrix with the same singular values and left singular vectors as the
+    mode-2 unfolding [W'_1, ..., W'_H]: [lc_h T_g(h)^T]_h, p x (H k)."""
+    T = _r_factors(red.rc)[red.group]  # (H, k, r)
+    X = red.lc @ T.transpose(1, 2)  # (H, p, k)
+    return X.permute(1, 0, 2).reshape(X.shape[1], -1)
+
+
+def _right_unfolding_core(red: Reduced) -> Tensor:
+    """Same for the mode-3 unfolding: [rc_g(h) S_h^T]_h, q x (H k)."""
+    S = _r_factors(red.lc)  # (H, k, r)
+    X = red.rc_heads @ S.transpose(1, 2)  # (H, q, k)
+    return X.permute(1, 0, 2).reshape(X.shape[1], -1)
+
+
+def head_gram(a: Tensor, b: Tensor, group: Tensor) -> Tensor:
+    """Gram of the head-mode unfolding: G[h, h'] = <a_h b_g^T, a_h' b_g'^T>_F
+    = sum((a_h^T a_h') * (b_g^T b_g')); a: (H, x, r), b: (G, y, r). Never forms a_h b_g^T."""
+    H, x, r = a.shape
+    acat = a.permute(1, 0, 2).reshape(x, H * r)
+    bh = b[group]
+    bcat = bh.permute(1, 0, 2).reshape(b.shape[1], H * r)
+    out = torch.empty(H, H, dtype=a.dtype, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, H * r * r))
+    for s in range(0, H, step):
+        e = min(H, s + step)
+        aa = (acat[:, s * r:e * r].T @ acat).reshape(e - s, r, H, r)
+        bb = (bcat[:, s * r:e * r].T @ bcat).reshape(e - s, r, H, r)
+        out[s:e] = (aa * bb).sum(dim=(1, 3))
+    return out
+
+
+def _weighted_side_gram(X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
+    """sum_{h,h'} w[h,h'] X_h (Y_h^T Y_h') X_h'^T for X: (H, x, r), Y: (H, y, r).
+
+    This is Z Z^T for the mode unfolding of W contracted with the other factors
+    (the HOOI update), evaluated from the factors in head chunks."""
+    H, x, r = X.shape
+    xcat = X.permute(1, 0, 2).reshape(x, H * r)
+    ycat = Y.permute(1, 0, 2).reshape(Y.shape[1], H * r)
+    K = torch.zeros(x, x, dtype=X.dtype, device=X.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, H * r * max(r, x // 8 + 1)))
+    for s in range(0, H, step):
+        e = min(H, s + step)
+        yy = (ycat[:, s * r:e * r].T @ ycat).reshape(e - s, r, H, r) * weights[s:e, None, :, None]
+        K += xcat[:, s * r:e * r] @ (yy.reshape((e - s) * r, H * r) @ xcat.T)
+    return K
+
+
+def _top_eigvecs(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Leading eigenpairs of a symmetric PSD matrix, descending."""
+    vals, vecs = torch.linalg.eigh(gram)
+    return vals.flip(0)[:k].clamp_min(0), vecs.flip(1)[:, :k]
+
+
+@dataclass
+class ModeSpectra:
+    """Singular values of the three mode unfoldings (descending; structurally zero
+    values beyond the reduced widths are omitted)."""
+
+    head: Tensor
+    left: Tensor
+    right: Tensor
+
+    def __iter__(self):
+        return iter((self.head, self.left, self.right))
+
+
+def mode_spectra(stack: HeadStack | Reduced) -> ModeSpectra:
+    """Singular values of the head, left and right unfoldings of ``W``.
+
+    Left/right: exact SVD of a small matrix sharing the unfolding's singular values
+    (thin QR of the other side, no squaring). Head: eigenvalues of the H x H Gram."""
+    red = stack if isinstance(stack, Reduced) else reduce(stack)
+    g1 = head_gram(red.lc, red.rc, red.group)
+    head = torch.linalg.eigvalsh(g1).flip(0).clamp_min(0).sqrt()
+    left = torch.linalg.svdvals(_left_unfolding_core(red))
+    right = torch.linalg.svdvals(_right_unfolding_core(red))
+    return ModeSpectra(head, left, right)
+
+
+def frobenius_norm_sq(red: Reduced) -> Tensor:
+    """||W||_F^2 from the factors (trace of the head Gram)."""
+    a = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)
+    b = red.rc_heads.transpose(1, 2) @ red.rc_heads
+    return (a * b).sum()
+
+
+@dataclass
+class Tucker:
+    """Tucker factors of ``W``: core (r1, r2, r3), U1 (H, r1), U2 (m, r2), U3 (n, r3).
+    ``rel_error`` is ||W - W_hat||_F / ||W||_F, accumulated in the stack's dtype."""
+
+    core: Tensor
+    factors: list[Tensor]
+    rel_error: float
+    errors: list[float] = field(default_factory=list)  # after HOSVD and each HOOI sweep
+
+    @property
+    def ranks(self) -> tuple[int, int, int]:
+        return tuple(self.core.shape)
+
+    def to_tensor(self) -> Tensor:
+        U1, U2, U3 = self.factors
+        return torch.einsum("abc,ha,ib,jc->hij", self.core, U1, U2, U3)
+
+
+def _core_reduced(red: Reduced, U1: Tensor, V2: Tensor, V3: Tensor) -> Tensor:
+    """C[j] = sum_h U1[h, j] (V2^T lc_h)(V3^T rc_g)^T in reduced coordinates."""
+    a = V2.T @ red.lc  # (H, r2, r)
+    b = V3.T @ red.rc  # (G, r3, r)
+    r1, r2, r3 = U1.shape[1], V2.shape[1], V3.shape[1]
+    core = torch.zeros(r1, r2, r3, dtype=red.lc.dtype, device=red.lc.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, r2 * r3))
+    for s in range(0, a.shape[0], step):
+        y = a[s:s + step] @ b[red.group[s:s + step]].transpose(1, 2)  # (c, r2, r3)
+        core += torch.einsum("hj,hab->jab", U1[s:s + step], y)
+    return core
+
+
+def _rel_error(norm_sq: Tensor, core: Tensor) -> float:
+    # Projections are orthogonal, so ||W - W_hat||^2 = ||W||^2 - ||C||^2; accurate to
+    # ~1e-8 relative in float64 (never use it in float32: it cancels).
+    c = core.to(torch.float64)
+    resid = (norm_sq.to(torch.float64) - (c * c).sum()).clamp_min(0)
+    return float((resid / norm_sq.to(torch.float64)).sqrt())
+
+
+def clamp_ranks(stack_or_red: HeadStack | Reduced, ranks) -> tuple[int, int, int]:
+    """Clamp a rank triple to what the (reduced) mode sizes allow."""
+    red = stack_or_red if isinstance(stack_or_red, Reduced) else reduce(stack_or_red)
+    p, q = red.lc.shape[1], red.rc.shape[1]
+    H, r = red.lc.shape[0], red.lc.shape[2]
+    limits = (H, min(p, H * r), min(q, H * r))
+    return tuple(max(1, min(int(k), lim)) for k, lim in zip(ranks, limits))
+
+
+def tucker(stack: HeadStack, ranks, hooi_iters: int = 0) -> Tucker:
+    """Truncated HOSVD of ``W`` at ``ranks`` (clamped), then ``hooi_iters`` HOOI sweeps,
+    all from the factors. Returns factors in the original (m, n) coordinates."""
+    red = reduce(stack)
+    r1, r2, r3 = clamp_ranks(red, ranks)
+    norm_sq = frobenius_norm_sq(red)
+    _, U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), r1)
+    V2 = torch.linalg.svd(_left_unfolding_core(red), full_matrices=False)[0][:, :r2]
+    V3 = torch.linalg.svd(_right_unfolding_core(red), full_matrices=False)[0][:, :r3]
+    core = _core_reduced(red, U1, V2, V3)
+    errors = [_rel_error(norm_sq, core)]
+    rc_h = red.rc_heads
+    for _ in range(hooi_iters):
+        w = U1 @ U1.T
+        V2 = _top_eigvecs(_weighted_side_gram(red.lc, V3.T @ rc_h, w), r2)[1]
+        V3 = _top_eigvecs(_weighted_side_gram(rc_h, V2.T @ red.lc, w), r3)[1]
+        U1 = _top_eigvecs(head_gram(V2.T @ red.lc, V3.T @ red.rc, red.group), r1)[1]
+        core = _core_reduced(red, U1, V2, V3)
+        errors.append(_rel_error(norm_sq, core))
+    return Tucker(core, [U1, red.lift_left(V2), red.lift_right(V3)], errors[-1], errors)
+
+
+def tail_bound(spectra: ModeSpectra, ranks) -> float:
+    """Truncated-HOSVD error bound: sqrt(sum_n sum_{i > r_n} sigma_i^2) / ||W||."""
+    total = float((spectra.head.double() ** 2).sum())
+    tail = sum(float((s.double()[int(r):] ** 2).sum()) for s, r in zip(spectra, ranks))
+    return (tail / total) ** 0.5 if total > 0 else 0.0
