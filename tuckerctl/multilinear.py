@@ -216,6 +216,7 @@ class ModeSpectra:
     head: Tensor
     left: Tensor
     right: Tensor
+    head_gram: Tensor | None = None  # <W[h], W[h']>_F, for head-similarity plots
 
     def __iter__(self):
         return iter((self.head, self.left, self.right))
@@ -231,7 +232,7 @@ def mode_spectra(stack: HeadStack | Reduced) -> ModeSpectra:
     head = torch.linalg.eigvalsh(g1).flip(0).clamp_min(0).sqrt()
     left = torch.linalg.svdvals(_left_unfolding_core(red))
     right = torch.linalg.svdvals(_right_unfolding_core(red))
-    return ModeSpectra(head, left, right)
+    return ModeSpectra(head, left, right, g1)
 
 
 def frobenius_norm_sq(red: Reduced) -> Tensor:

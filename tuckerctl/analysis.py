@@ -1,0 +1,194 @@
+"""``tuckerctl analyze``: per-layer multilinear spectra, effective ranks and ceilings.
+
+Reads one layer at a time (the next one is read in a background thread while the
+current one is computed), so peak memory is one or two layers' attention weights
+plus O(d^2) work space, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import __version__
+from .adapters import LayerWeights, ModelSpec, detect
+from .checkpoint import Checkpoint, open_checkpoint
+from .device import resolve_device
+from .errors import InputError
+from .multilinear import mode_spectra, reduce
+from .ranks import DEFAULT_ENERGY, DTYPE_TOL, family_ceilings, mode_summary, tucker_params
+
+SCHEMA = "tuckerctl.analysis/1"
+MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
+PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
+
+
+def parse_layers(text: str | None, count: int) -> list[int]:
+    """``"0,5-7"`` -> [0, 5, 6, 7]; None -> all layers. Errors name the field."""
+    if not text:
+        return list(range(count))
+    out: list[int] = []
+    for part in text.split(","):
+        try:
+            a, _, b = part.strip().partition("-")
+            lo, hi = int(a), int(b) if b else int(a)
+        except ValueError:
+            raise InputError(f"--layers: cannot parse {part!r} (use e.g. 0,5-7)") from None
+        if lo > hi or lo < 0 or hi >= count:
+            raise InputError(f"--layers: {part!r} is outside 0-{count - 1}")
+        out.extend(range(lo, hi + 1))
+    return sorted(set(out))
+
+
+def iter_layers(adapter, ckpt: Checkpoint, spec: ModelSpec, indices: Iterable[int]) -> Iterator[LayerWeights]:
+    """Yield layers in order, reading layer i+1 in the background while i is used."""
+    indices = list(indices)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(adapter.layer, ckpt, spec, indices[0]) if indices else None
+        for k in range(len(indices)):
+            current = pending.result()
+            pending = pool.submit(adapter.layer, ckpt, spec, indices[k + 1]) if k + 1 < len(indices) else None
+            yield current
+
+
+def default_tol(ckpt: Checkpoint, layer: LayerWeights) -> float:
+    """Numerical-rank tolerance from the stored dtype of the layer's first tensor."""
+    return DTYPE_TOL.get(ckpt.dtype(layer.tensors[0]), DTYPE_TOL["F32"]) if layer.tensors else 1e-6
+
+
+def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, device) -> dict:
+    """Spectra and effective ranks of one head stack (computed in float64)."""
+    st = stack.to(device=device, dtype=torch.float64)
+    spectra = mode_spectra(reduce(st))
+    gram = spectra.head_gram
+    diag = gram.diagonal().clamp_min(1e-300).sqrt()
+    cos = (gram / diag[:, None] / diag[None, :]).cpu()
+    shape = st.shape
+    modes = {name: mode_summary(s.cpu().tolist(), size, ceil, energies, tol)
+             for name, s, size, ceil in zip(names, spectra, shape, st.ceilings)}
+    return {"shape": list(shape), "norm": float(gram.trace().clamp_min(0).sqrt()),
+            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
+
+
+def _ranks_at(tensor: dict, tau: float) -> list[int]:
+    from .ranks import energy_rank
+
+    return [max(1, energy_rank(m["singular_values"], tau)) for m in tensor["modes"].values()]
+
+
+def analyze_layer(layer: LayerWeights, energies, tol: float, device) -> dict:
+    out = {"index": layer.index}
+    for key in ("pre", "post"):
+        out[key] = analyze_tensor(getattr(layer, key), MODE_NAMES[key], energies, tol, device)
+    ranks = {key: _ranks_at(out[key], PARAMS_ENERGY) for key in ("pre", "post")}
+    tucker = sum(tucker_params(out[k]["shape"], ranks[k]) for k in ranks)
+    out["params"] = {"original": layer.params, f"tucker_{PARAMS_ENERGY:g}": tucker,
+                     f"ranks_{PARAMS_ENERGY:g}": ranks,
+                     "kv_cache_tucker": ranks["pre"][2] + ranks["post"][2]}
+    return out
+
+
+def verdicts(spec: ModelSpec, layers: list[dict]) -> list[str]:
+    """Plain-language reading of the measured ranks against the ceilings."""
+    ceil = family_ceilings(spec.attention, spec.d, spec.heads, spec.kv_heads, spec.head_dim,
+                           spec.value_dim, spec.extras.get("q_lora_rank"),
+                           spec.extras.get("kv_lora_rank"), spec.extras.get("qk_rope_head_dim", 0))
+    n = len(layers)
+    lines = []
+    for key, label in (("pre", "pre-softmax (query-key)"), ("post", "post-softmax (value-output)")):
+        for mode_index, mode in enumerate(MODE_NAMES[key]):
+            ms = [layer[key]["modes"][mode] for layer in layers]
+            at_ceiling = sum(m["numerical_rank"] >= m["ceiling"] for m in ms)
+            size = ms[0]["size"]
+            c = ms[0]["ceiling"]
+            fam = ceil[key][mode_index]
+            e99 = sum(m["energy_ranks"].get("0.99", 0) for m in ms) / n
+            if c < size:
+                where = f"the {spec.attention} ceiling {c}" + (f" (= {_ceiling_formula(spec, key, mode)})"
+                                                               if _ceiling_formula(spec, key, mode) else "")
+                lines.append(f"{label} {mode} mode: numerical rank at {where} in {at_ceiling} of {n} layers; "
+                             f"0.99-energy rank {e99:.0f} on average")
+            else:
+                full = "full" if at_ceiling == n else f"full in {at_ceiling} of {n} layers"
+                lines.append(f"{label} {mode} mode: {full} (size {size}); 0.99-energy rank {e99:.0f} on average"
+                             + (f", family ceiling {fam}" if fam != size and mode != "head" else ""))
+    orig = sum(layer["params"]["original"] for layer in layers)
+    tuck = sum(layer["params"][f"tucker_{PARAMS_ENERGY:g}"] for layer in layers)
+    if orig:
+        lines.append(f"Tucker at the 0.99-energy ranks: {tuck:,} vs {orig:,} attention parameters "
+                     f"({100 * tuck / orig:.0f}%)")
+    return lines
+
+
+def _ceiling_formula(spec: ModelSpec, key: str, mode: str) -> str:
+    if spec.attention in ("GQA", "MQA") and mode in ("key", "value"):
+        return f"G*d_h = {spec.kv_heads}*{spec.head_dim}"
+    if spec.attention == "MLA":
+        x = spec.extras
+        if key == "pre" and mode == "key":
+            return f"kv_lora + rope = {x.get('kv_lora_rank')}+{x.get('qk_rope_head_dim')}"
+        if key == "pre" and mode == "query" and x.get("q_lora_rank"):
+            return f"q_lora = {x.get('q_lora_rank')}"
+        if key == "post" and mode == "value":
+            return f"kv_lora = {x.get('kv_lora_rank')}"
+    return ""
+
+
+def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
+            layers: str | None = None, energy=DEFAULT_ENERGY, tol: float | None = None,
+            device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict:
+    """Analyse a checkpoint; returns the versioned analysis document (README: JSON)."""
+    for t in energy:
+        if not 0 < t <= 1:
+            raise InputError(f"--energy: {t} is not in (0, 1]")
+    if tol is not None and not 0 < tol < 1:
+        raise InputError(f"--tol: {tol} is not in (0, 1)")
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    ckpt = open_checkpoint(path, config)
+    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    indices = parse_layers(layers, spec.layers)
+    results = []
+    used_tol = tol
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices)):
+        if used_tol is None:
+            used_tol = default_tol(ckpt, layer)
+        results.append(analyze_layer(layer, energy, used_tol, dev))
+        if progress:
+            progress(k + 1, len(indices))
+    doc = {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "source": {"path": str(path), "format": ckpt.format},
+        "model": spec.as_dict(),
+        "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices},
+        "layers": results,
+    }
+    doc["summary"] = {"verdicts": verdicts(spec, results) if results else [],
+                      "params_original": sum(r["params"]["original"] for r in results),
+                      f"params_tucker_{PARAMS_ENERGY:g}": sum(r["params"][f"tucker_{PARAMS_ENERGY:g}"] for r in results),
+                      "seconds": round(time.perf_counter() - start, 3)}
+    return doc
+
+
+def inspect(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None) -> dict:
+    """What was detected: the model spec and, for the first layer, every tensor read."""
+    ckpt = open_checkpoint(path, config)
+    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    layer0 = adapter.layer(ckpt, spec, 0)
+    return {
+        "schema": "tuckerctl.inspect/1",
+        "tool_version": __version__,
+        "source": {"path": str(path), "format": ckpt.format, "tensors": len(ckpt.names()),
+                   "config": str(ckpt.config_path) if ckpt.config_path else None},
+        "model": spec.as_dict(),
+        "layer0": {
+            "tensors": [{"name": n, "dtype": ckpt.dtype(n), "shape": list(ckpt.shape(n))} for n in layer0.tensors],
+            "pre_shape": list(layer0.pre.shape), "post_shape": list(layer0.post.shape),
+            "pre_ceilings": list(layer0.pre.ceilings), "post_ceilings": list(layer0.post.ceilings),
+            "params": layer0.params,
+        },
+    }

@@ -1,0 +1,162 @@
+"""The ``tuckerctl`` command line: a thin layer over the library.
+
+Conventions: machine output (``--json``) on stdout or ``--output FILE``; tables and
+progress on stderr (progress only on a TTY); exit 0 success, 1 a check failed,
+2 bad usage or unreadable/unsupported input (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import CheckFailed, InputError
+
+app = typer.Typer(
+    name="tuckerctl",
+    help="Measure and compress the attention weights of transformer checkpoints with Tucker decompositions.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+if not err.is_terminal:  # logs and CI: do not wrap tables at 80 columns
+    err = Console(stderr=True, width=200)
+
+# ------------------------------------------------------------------ shared options
+
+CONFIG = typer.Option(None, "--config", help="config.json to use instead of the one beside the checkpoint.")
+HEADS = typer.Option(None, "--heads", help="Query heads H (needed without config.json).")
+KV_HEADS = typer.Option(None, "--kv-heads", help="KV heads G (GQA groups).")
+HEAD_DIM = typer.Option(None, "--head-dim", help="Per-head width d_h.")
+FAMILY = typer.Option(None, "--family", help="Force the architecture family (config model_type).")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
+OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
+
+
+def _progress(quiet: bool, label: str):
+    """A (callback, context manager) pair; silent unless stderr is a TTY."""
+    if quiet or not err.is_terminal:
+        import contextlib
+
+        return None, contextlib.nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task(label, total=None)
+    return (lambda done, total: bar.update(task, completed=done, total=total)), bar
+
+
+def emit_json(doc: dict, to_stdout: bool, output: Optional[Path]) -> None:
+    """Write the document to stdout and/or a file (temp file + rename)."""
+    text = json.dumps(doc, indent=1)
+    if output is not None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(output), text + "\n")
+    if to_stdout:
+        sys.stdout.write(text + "\n")
+
+
+def _energies(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise InputError(f"--energy: cannot parse {text!r} (use e.g. 0.9,0.99,0.999)") from None
+
+
+# ------------------------------------------------------------------ commands
+
+@app.command()
+def analyze(
+    path: Path = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, or a .gguf file."),
+    config: Optional[Path] = CONFIG,
+    heads: Optional[int] = HEADS,
+    kv_heads: Optional[int] = KV_HEADS,
+    head_dim: Optional[int] = HEAD_DIM,
+    family: Optional[str] = FAMILY,
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to analyse, e.g. 0,5-7 (default all)."),
+    energy: str = typer.Option("0.9,0.99,0.999", "--energy", help="Energy thresholds for the energy ranks."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 "
+                                        "(default from the stored dtype)."),
+    device: str = DEVICE,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Multilinear ranks of every layer's query-key and value-output tensors.
+
+    Example: [bold]tuckerctl analyze model/ --layers 0-3 --json > analysis.json[/bold]
+    """
+    from .analysis import analyze as run
+    from .tables import print_analysis
+
+    callback, ctx = _progress(quiet, "analyze")
+    with ctx:
+        doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
+                  layers=layers, energy=_energies(energy), tol=tol, device=device, progress=callback)
+    if not quiet:
+        print_analysis(doc, err)
+    emit_json(doc, json_out, output)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, or a .gguf file."),
+    config: Optional[Path] = CONFIG,
+    heads: Optional[int] = HEADS,
+    kv_heads: Optional[int] = KV_HEADS,
+    head_dim: Optional[int] = HEAD_DIM,
+    family: Optional[str] = FAMILY,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Show the detected structure, tensor by tensor (reads one layer only).
+
+    Example: [bold]tuckerctl inspect model.safetensors[/bold]
+    """
+    from .analysis import inspect as run
+    from .tables import print_inspect
+
+    doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    if not quiet:
+        print_inspect(doc, err)
+    emit_json(doc, json_out, output)
+
+
+def _version(value: bool):
+    if value:
+        print(f"tuckerctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """tuckerctl: what ranks does this model's attention really have, and how far can it be compressed?"""
+
+
+def main() -> None:
+    """Console entry point: maps library errors to exit codes without tracebacks."""
+    try:
+        app()
+    except InputError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except CheckFailed as e:
+        err.print(f"[red]check failed:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,86 @@
+"""Effective ranks, ceilings and parameter counts (DESIGN.md sections 3 and 5).
+
+Pure functions of singular values and shapes; no torch device work, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+DEFAULT_ENERGY = (0.9, 0.99, 0.999)
+
+# Default numerical-rank tolerance relative to sigma_1, by stored dtype: a value
+# below this is indistinguishable from rounding of the stored weights.
+DTYPE_TOL = {"F64": 1e-12, "F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "F8_E4M3": 6e-2, "F8_E5M2": 1.2e-1}
+
+
+def energy_rank(sigma: Sequence[float], tau: float) -> int:
+    """Smallest r with sum_{i<=r} sigma_i^2 >= tau * sum sigma_i^2."""
+    sq = [float(s) ** 2 for s in sigma]
+    total = sum(sq)
+    if total == 0:
+        return 0
+    acc = 0.0
+    for i, v in enumerate(sq, 1):
+        acc += v
+        if acc >= tau * total * (1 - 1e-12):
+            return i
+    return len(sq)
+
+
+def numerical_rank(sigma: Sequence[float], tol: float) -> int:
+    """Count of sigma_i > tol * sigma_1."""
+    if not len(sigma) or sigma[0] <= 0:
+        return 0
+    return sum(1 for s in sigma if s > tol * sigma[0])
+
+
+def entropy_rank(sigma: Sequence[float]) -> float:
+    """exp(-sum p_i log p_i) with p_i = sigma_i / sum sigma."""
+    total = float(sum(sigma))
+    if total <= 0:
+        return 0.0
+    ps = [float(s) / total for s in sigma if s > 0]
+    return math.exp(-sum(p * math.log(p) for p in ps))
+
+
+def stable_rank(sigma: Sequence[float]) -> float:
+    """sum sigma_i^2 / sigma_1^2."""
+    if not len(sigma) or sigma[0] <= 0:
+        return 0.0
+    return sum(float(s) ** 2 for s in sigma) / float(sigma[0]) ** 2
+
+
+def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
+                 energies: Sequence[float], tol: float) -> dict:
+    """The per-mode record of the analysis JSON (``M`` in the README)."""
+    sigma = [float(s) for s in sigma]
+    return {
+        "size": size,
+        "ceiling": ceiling,
+        "numerical_rank": numerical_rank(sigma, tol),
+        "energy_ranks": {f"{t:g}": energy_rank(sigma, t) for t in energies},
+        "entropy_rank": entropy_rank(sigma),
+        "stable_rank": stable_rank(sigma),
+        "singular_values": sigma,
+    }
+
+
+def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Parameters of one Tucker tensor: r1 r2 r3 + H r1 + m r2 + n r3."""
+    (H, m, n), (r1, r2, r3) = shape, ranks
+    return r1 * r2 * r3 + H * r1 + m * r2 + n * r3
+
+
+def family_ceilings(attention: str, d: int, heads: int, kv_heads: int, head_dim: int,
+                    value_dim: int | None = None, q_lora_rank: int | None = None,
+                    kv_lora_rank: int | None = None, rope_dim: int = 0) -> dict:
+    """DESIGN section 3: (head, query, key) and (head, output, value) rank ceilings."""
+    dv = value_dim or head_dim
+    if attention == "MLA":
+        q = min(d, q_lora_rank) if q_lora_rank else min(d, heads * head_dim)
+        return {"pre": (heads, q, min(d, kv_lora_rank + rope_dim)),
+                "post": (heads, min(d, heads * dv), min(d, kv_lora_rank))}
+    return {"pre": (heads, min(d, heads * head_dim), min(d, kv_heads * head_dim)),
+            "post": (heads, min(d, heads * dv), min(d, kv_heads * dv))}

@@ -1,0 +1,73 @@
+"""Rich tables for the commands (always printed to stderr)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .analysis import MODE_NAMES
+
+
+def _model_line(model: dict) -> str:
+    flags = [f for f in ("bias", "rope", "qk_norm") if model.get(f)]
+    extra = {k: model[k] for k in ("softcap", "clip_qkv", "alibi", "q_lora_rank", "kv_lora_rank",
+                                   "qk_rope_head_dim") if model.get(k)}
+    return (f"[bold]{model['family']}[/bold] ({model['attention']}): {model['layers']} layers, "
+            f"d={model['d']}, heads={model['heads']}, kv_heads={model['kv_heads']}, "
+            f"head_dim={model['head_dim']}" + (f", value_dim={model['value_dim']}"
+                                                if model.get("value_dim") != model["head_dim"] else "")
+            + (f"; {', '.join(flags)}" if flags else "")
+            + "".join(f", {k}={v}" for k, v in extra.items()))
+
+
+def print_analysis(doc: dict, console: Console) -> None:
+    """Model summary, per-layer rank table, verdicts and parameter counts."""
+    model = doc["model"]
+    console.print(_model_line(model), highlight=False)
+    for note in model.get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+    energies = [f"{t:g}" for t in doc["settings"]["energy"]]
+    table = Table(title=f"Multilinear ranks: energy ranks at {' '.join(energies)} | numerical rank/ceiling ("
+                        f"tol {doc['settings']['tol']:g})", title_justify="left")
+    table.add_column("layer", justify="right")
+    for key in ("pre", "post"):
+        for mode in MODE_NAMES[key]:
+            table.add_column(f"{key}\n{mode}", justify="right")
+    table.add_column("params\norig→tucker", justify="right")
+    for layer in doc["layers"]:
+        cells = [str(layer["index"])]
+        for key in ("pre", "post"):
+            for mode in MODE_NAMES[key]:
+                m = layer[key]["modes"][mode]
+                e = " ".join(str(m["energy_ranks"][t]) for t in energies)
+                at = "[green]" if m["numerical_rank"] >= m["ceiling"] else ""
+                cells.append(f"{e} | {at}{m['numerical_rank']}/{m['ceiling']}")
+        p = layer["params"]
+        tucker = next(v for k, v in p.items() if k.startswith("tucker_"))
+        cells.append(f"{p['original']:,}→{tucker:,}")
+        table.add_row(*cells)
+    console.print(table)
+    for line in doc.get("summary", {}).get("verdicts", []):
+        console.print(f"• {line}", highlight=False)
+    secs = doc.get("summary", {}).get("seconds")
+    if secs is not None:
+        console.print(f"[dim]{len(doc['layers'])} layers in {secs:.1f} s on {doc['settings']['device']}[/dim]")
+
+
+def print_inspect(doc: dict, console: Console) -> None:
+    src = doc["source"]
+    console.print(f"{src['path']} ({src['format']}, {src['tensors']} tensors, config: {src['config']})",
+                  highlight=False)
+    console.print(_model_line(doc["model"]), highlight=False)
+    for note in doc["model"].get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+    layer = doc["layer0"]
+    table = Table(title="Layer 0 tensors read", title_justify="left")
+    for col in ("tensor", "dtype", "shape"):
+        table.add_column(col)
+    for t in layer["tensors"]:
+        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])))
+    console.print(table)
+    console.print(f"pre-softmax tensor {layer['pre_shape']} ceilings {layer['pre_ceilings']}; "
+                  f"post-softmax tensor {layer['post_shape']} ceilings {layer['post_ceilings']}; "
+                  f"{layer['params']:,} attention parameters per layer", highlight=False)
