@@ -89,6 +89,12 @@ def build(name, tmp_path_factory):
     return _BUILT[name]
 
 
+def attention(model, i):
+    """Layer i's attention module (causal LM, or the language model of a multimodal one)."""
+    inner = model.model
+    return (inner.language_model if hasattr(inner, "language_model") else inner).layers[i].self_attn
+
+
 def layer_io(model, i):
     """(x, y) of layer i's attention block on fixed random tokens, positions all 0."""
     g = torch.Generator().manual_seed(1)
@@ -96,20 +102,20 @@ def layer_io(model, i):
     inputs = dict(input_ids=ids, position_ids=torch.zeros_like(ids),
                   # An explicit mask: without it, repeated position ids read as packed sequences.
                   attention_mask=torch.ones_like(ids))
-    return capture(model, model.model.layers[i].self_attn, inputs)
+    return capture(model, attention(model, i), inputs)
 
 
 def qk_scales(model, i, x, kind):
     """Per-token, per-head 1/rms of the raw q/k projections (H, N), as transformers'
     qk-norm computes them (RMSNorm: x * rsqrt(mean(x^2) + eps) * gain)."""
-    attn = model.model.layers[i].self_attn
-    cfg = model.config
+    attn = attention(model, i)
+    cfg = model.config.get_text_config()
     H, G = cfg.num_attention_heads, cfg.num_key_value_heads
     eps = cfg.rms_norm_eps
 
     def inv_rms(proj, n):
-        raw = torch.nn.functional.linear(x, proj.weight.double(),
-                                         None if proj.bias is None else proj.bias.double())
+        raw = torch.nn.functional.linear(x, proj.weight.detach().double(),
+                                         None if proj.bias is None else proj.bias.detach().double())
         if kind == "full_width":  # one RMS over all heads (OLMo2/3), shared by every head
             return (raw.pow(2).mean(-1) + eps).rsqrt().expand(H, -1)
         # one RMS per head (Qwen3, Gemma3)
@@ -156,6 +162,8 @@ def test_rebuilds_transformers_attention(name, tmp_path_factory):
     assert spec.extras.get("qk_norm_type") == qk_kind
     assert spec.extras.get("softcap") == getattr(cfg, "attn_logit_softcapping", None)
     assert spec.value_dim == spec.head_dim and spec.rope
+    rope = cfg.rope_parameters
+    assert spec.extras["rope_theta"] == rope.get("full_attention", rope)["rope_theta"]
     if name == "olmo":
         assert spec.extras["clip_qkv"] == 1e4 and any("clip_qkv" in n for n in spec.notes)
     for i in (0, spec.layers - 1):
@@ -264,38 +272,45 @@ def test_config_heads_not_dividing(tmp_path_factory, tmp_path):
     one_line_error(lambda: read(bad), "kv heads")
 
 
-def test_missing_tensor_of_a_layer(tmp_path_factory, tmp_path):
-    _, path = build("qwen2", tmp_path_factory)
-    for gone in ("model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.k_proj.bias",
-                 "model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
-        tensors = load_file(path / "model.safetensors")
-        del tensors[gone]
-        bad = tmp_path / gone
-        bad.mkdir()
-        save_file(tensors, bad / "model.safetensors")
-        shutil.copy(path / "config.json", bad / "config.json")
-
-        def read_all():
-            ckpt, adapter, spec = read(bad)
-            for i in range(spec.layers):
-                adapter.layer(ckpt, spec, i)
-
-        one_line_error(read_all, gone)
-
-
-def test_qk_norm_gain_missing_in_one_layer(tmp_path_factory, tmp_path):
-    """A qk-norm model whose later layer lost its k_norm must not be read without it."""
-    _, path = build("qwen3", tmp_path_factory)
+def resave(path, dst, drop=(), add=None):
+    """Copy a saved model with tensors dropped/added (config.json unchanged)."""
     tensors = load_file(path / "model.safetensors")
-    gone = "model.layers.1.self_attn.k_norm.weight"
-    del tensors[gone]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    save_file(tensors, bad / "model.safetensors")
-    shutil.copy(path / "config.json", bad / "config.json")
-    ckpt, adapter, spec = read(bad)
-    adapter.layer(ckpt, spec, 0)
-    one_line_error(lambda: adapter.layer(ckpt, spec, 1), gone)
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    dst.mkdir()
+    save_file(tensors, dst / "model.safetensors")
+    shutil.copy(path / "config.json", dst / "config.json")
+    return dst
+
+
+def read_all_layers(path):
+    ckpt, adapter, spec = read(path)
+    for i in range(spec.layers):
+        adapter.layer(ckpt, spec, i)
+
+
+@pytest.mark.parametrize("name, gone", [
+    ("qwen2", "model.layers.1.self_attn.k_proj.weight"),
+    ("qwen2", "model.layers.1.self_attn.k_proj.bias"),  # must not be read as a bias-free layer
+    ("qwen2", "model.layers.1.self_attn.o_proj.weight"),
+    ("qwen2", "model.layers.1.self_attn.q_proj.weight"),
+    ("qwen2", "model.layers.0.self_attn.v_proj.weight"),
+    ("qwen3", "model.layers.1.self_attn.k_norm.weight"),  # must not be read without its gain
+    ("olmo2", "model.layers.0.self_attn.q_norm.weight"),
+])
+def test_missing_tensor_of_a_layer(name, gone, tmp_path_factory, tmp_path):
+    _, path = build(name, tmp_path_factory)
+    bad = resave(path, tmp_path / "bad", drop=[gone])
+    one_line_error(lambda: read_all_layers(bad), gone)
+
+
+@pytest.mark.parametrize("extra", ["model.layers.1.self_attn.q_proj.bias",
+                                   "model.layers.1.self_attn.q_norm.weight"])
+def test_tensor_that_layer_0_lacks(extra, tmp_path_factory, tmp_path):
+    _, path = build("llama_mha", tmp_path_factory)
+    bad = resave(path, tmp_path / "bad", add={extra: torch.ones(8 if "norm" in extra else 32)})
+    one_line_error(lambda: read_all_layers(bad), extra)
 
 
 def test_no_config_needs_heads(tmp_path_factory, tmp_path):
@@ -308,14 +323,17 @@ def test_no_config_needs_heads(tmp_path_factory, tmp_path):
     ("llama_gqa_bias", dict(heads=4, kv_heads=2, head_dim=12)),
     ("llama_gqa_bias", dict(heads=4)),  # head dim and kv heads inferred from shapes
     ("starcoder2", dict(heads=4, kv_heads=2)),
+    ("qwen3", dict(heads=4)),  # per-head qk-norm, told from q_norm's shape
+    ("olmo2", dict(heads=4)),  # full-width qk-norm, likewise
 ])
 def test_config_less_with_heads(name, given, tmp_path_factory, tmp_path):
     model, path = build(name, tmp_path_factory)
     _, _, reference = read(path)
     bare = copy_model(path, tmp_path / "bare", config=False)
     ckpt, adapter, spec = read(bare, **given)
-    for f in ("attention", "layers", "d", "heads", "kv_heads", "head_dim", "bias", "scale"):
+    for f in ("attention", "layers", "d", "heads", "kv_heads", "head_dim", "bias", "qk_norm", "scale"):
         assert getattr(spec, f) == getattr(reference, f), f
+    assert spec.extras.get("qk_norm_type") == reference.extras.get("qk_norm_type")
     assert spec.notes  # the guesses are stated
     for i in (0, 1):
         assert rebuild_error(model, spec, adapter.layer(ckpt, spec, i), i) <= 1e-5
@@ -328,37 +346,27 @@ def test_config_less_wrong_heads(tmp_path_factory, tmp_path):
     one_line_error(lambda: read(bare, heads=5), "q_proj")
 
 
-def _multimodal(path, dst):
-    """A gemma3-style multimodal file: the text model under ``language_model.model.``
-    beside a vision tower whose names also match ``layers.N.self_attn.q_proj``."""
-    tensors = {k.replace("model.", "language_model.model.", 1): v
-               for k, v in load_file(path / "model.safetensors").items()}
-    for i in range(3):
-        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            tensors[f"vision_tower.vision_model.encoder.layers.{i}.self_attn.{p}.weight"] = torch.randn(16, 16)
-    dst.mkdir()
-    save_file(tensors, dst / "model.safetensors")
-    text = json.loads((path / "config.json").read_text())
-    cfg = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-           "text_config": text,
-           "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 16,
-                             "num_attention_heads": 2, "num_hidden_layers": 3}}
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def test_multimodal_picks_language_model(tmp_path_factory, tmp_path):
-    model, path = build("gemma3_text", tmp_path_factory)
-    _, _, reference = read(path)
-    mm = _multimodal(path, tmp_path / "mm")
-    ckpt, adapter, spec = read(mm)
-    assert spec.prefix == "language_model.model."
-    for f in ("attention", "layers", "d", "heads", "kv_heads", "head_dim", "qk_norm", "scale"):
-        assert getattr(spec, f) == getattr(reference, f), f
-    assert spec.extras.get("qk_norm_type") == "per_head_1p"
-    layer = adapter.layer(ckpt, spec, 0)
-    assert layer.tensors[0].startswith("language_model.model.layers.0.")
-    assert rebuild_error(model, spec, layer, 0) <= 1e-5
+def test_multimodal_picks_language_model(tmp_path):
+    """A real (tiny) Gemma3ForConditionalGeneration: the language model sits under
+    ``language_model.model.layers`` beside a SigLIP tower whose names also match
+    ``layers.N.self_attn.q_proj``; its fields sit under ``text_config``."""
+    text = tf.Gemma3TextConfig(**COMMON, **CASES["gemma3_text"][2])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    config = tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                             attn_implementation="eager")
+    model = save_tiny(tf.Gemma3ForConditionalGeneration, config, tmp_path)
+    assert any(n.startswith("vision_tower.") and "layers.2.self_attn.q_proj" in n
+               for n in open_checkpoint(tmp_path).names())
+    ckpt, adapter, spec = read(tmp_path)
+    assert spec.prefix == "language_model.model." and spec.family == "gemma3_text"
+    assert (spec.layers, spec.d, spec.heads, spec.kv_heads, spec.head_dim) == (2, 32, 4, 2, 16)
+    assert spec.qk_norm and spec.extras["qk_norm_type"] == "per_head_1p"
+    assert spec.scale == pytest.approx(10 ** -0.5)
+    for i in (0, 1):
+        layer = adapter.layer(ckpt, spec, i)
+        assert layer.tensors[0] == f"language_model.model.layers.{i}.self_attn.q_proj.weight"
+        assert rebuild_error(model, spec, layer, i) <= 1e-5
 
 
 def test_find_layers_prefix_choice(tmp_path):

@@ -303,11 +303,11 @@ def tucker(stack: HeadStack, ranks, hooi_iters: int = 0) -> Tucker:
     core = _core_reduced(red, U1, V2, V3)
     errors = [_rel_error(norm_sq, core)]
     rc_h = red.rc_heads
-    for _ in range(hooi_iters):
+    for _ in range(hooi_iters):  # mode order head, left, right, as TensorLy's HOOI
+        U1 = _top_eigvecs(head_gram(V2.T @ red.lc, V3.T @ red.rc, red.group), r1)[1]
         w = U1 @ U1.T
         V2 = _top_eigvecs(_weighted_side_gram(red.lc, V3.T @ rc_h, w), r2)[1]
         V3 = _top_eigvecs(_weighted_side_gram(rc_h, V2.T @ red.lc, w), r3)[1]
-        U1 = _top_eigvecs(head_gram(V2.T @ red.lc, V3.T @ red.rc, red.group), r1)[1]
         core = _core_reduced(red, U1, V2, V3)
         errors.append(_rel_error(norm_sq, core))
     return Tucker(core, [U1, red.lift_left(V2), red.lift_right(V3)], errors[-1], errors)
