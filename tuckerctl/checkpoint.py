@@ -40,6 +40,8 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in ``file``
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -80,7 +82,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if end > data_size:
             raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {end} "
                              f"but the file holds {data_size} data bytes")
-        tensors[name] = TensorInfo(path, dtype, shape)
+        tensors[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
     return tensors, metadata
 
 
@@ -166,14 +168,25 @@ class Checkpoint:
         if scale_name not in self.tensors:
             raise InputError(f"{self.path}: FP8 tensor {name!r} has no {scale_name!r}")
         scale = self.get(scale_name, torch.float32)
+        if t.ndim != 2 or scale.ndim != 2:
+            raise InputError(f"{self.path}: FP8 tensor {name!r} or its scale is not a matrix")
         rows, cols = t.shape
-        block = (self.config or {}).get("quantization_config", {}).get("weight_block_size")
-        br, bc = block or (math.ceil(rows / scale.shape[0]), math.ceil(cols / scale.shape[1]))
+        # The block cannot be read off the scale's shape (200 rows over 2 scale rows fits
+        # any block from 100 to 199): take the config's, else DeepSeek's 128 x 128.
+        quant = (self.config or {}).get("quantization_config") or {}
+        br, bc = quant.get("weight_block_size") or (128, 128)
         if scale.shape != (math.ceil(rows / br), math.ceil(cols / bc)):
             raise InputError(f"{self.path}: {scale_name!r} has shape {tuple(scale.shape)}, "
                              f"which does not tile {name!r} {tuple(t.shape)} in {br}x{bc} blocks")
         full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
         return t.to(torch.float32) * full
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The tensor's stored bytes, exactly as on disk (for copying and hashing)."""
+        info = self._info(name)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.nbytes)
 
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))

@@ -135,6 +135,128 @@ def inspect(
     emit_json(doc, json_out, output)
 
 
+@app.command()
+def compress(
+    path: Path = typer.Argument(..., help="The source checkpoint (file, directory or .gguf)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="head,query,key ranks, e.g. 8,128,64 "
+                                        "(both tensors unless --ranks-post)."),
+    ranks_post: Optional[str] = typer.Option(None, "--ranks-post", help="head,output,value ranks of the "
+                                             "post-softmax tensor."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Per-layer, per-mode ranks keeping this "
+                                           "fraction of each mode's energy."),
+    params: Optional[float] = typer.Option(None, "--params", help="Fraction of the attention parameters to "
+                                           "keep; ranks allocated across layers and modes."),
+    hooi_iters: int = typer.Option(2, "--hooi-iters", help="HOOI sweeps after the truncated HOSVD."),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored factor dtype: float32, bfloat16, float16."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Verify the written checkpoint."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="With the check: exit 1 when a "
+                                              "layer's relative weight error exceeds this."),
+    tokens: int = typer.Option(64, "--tokens", help="Random tokens for the functional check."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    config: Optional[Path] = CONFIG,
+    heads: Optional[int] = HEADS,
+    kv_heads: Optional[int] = KV_HEADS,
+    head_dim: Optional[int] = HEAD_DIM,
+    family: Optional[str] = FAMILY,
+    device: str = DEVICE,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Write a compressed Tucker checkpoint (HOSVD + HOOI from the factors), then check it.
+
+    Example: [bold]tuckerctl compress model/ --energy 0.99 -o model-tucker/[/bold]
+    """
+    from .compress import compress as run
+    from .tables import print_compress, print_verify
+    from .verify import verify
+
+    callback, ctx = _progress(quiet, "compress")
+    with ctx:
+        doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
+                  hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, config=config,
+                  heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family, progress=callback)
+    if not quiet:
+        print_compress(doc, out, err)
+    if check:
+        callback, ctx = _progress(quiet, "verify")
+        with ctx:
+            doc["check"] = verify(out, path, max_error=max_error, tokens=tokens, device=device, config=config,
+                                  progress=callback)
+        if not quiet:
+            print_verify(doc["check"], err)
+    emit_json(doc, json_out, output)
+    if check and not doc["check"]["passed"]:
+        raise CheckFailed(f"relative weight error {doc['check']['max_rel_error']:.3g} exceeds "
+                          f"--max-error {max_error}")
+
+
+@app.command()
+def verify(
+    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
+    against: Path = typer.Option(..., "--against", help="The source checkpoint it was compressed from."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when a layer's relative "
+                                              "weight error (either tensor) exceeds this."),
+    tokens: int = typer.Option(64, "--tokens", help="Random tokens for the functional check."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
+    config: Optional[Path] = CONFIG,
+    device: str = DEVICE,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Reconstruction checks: per-layer weight errors (dense, per head) and attention output errors.
+
+    Example: [bold]tuckerctl verify out/ --against model/ --max-error 0.05 --json[/bold]
+    """
+    from .tables import print_verify
+    from .verify import verify as run
+
+    callback, ctx = _progress(quiet, "verify")
+    with ctx:
+        doc = run(compressed, against, max_error=max_error, tokens=tokens, seed=seed, device=device,
+                  config=config, progress=callback)
+    if not quiet:
+        print_verify(doc, err)
+    emit_json(doc, json_out, output)
+    if not doc["passed"]:
+        raise CheckFailed(f"relative weight error {doc['max_rel_error']:.3g} exceeds --max-error {max_error}")
+
+
+@app.command()
+def report(
+    source: Path = typer.Argument(..., help="An analysis JSON (from analyze --json) or a checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A second analysis JSON or checkpoint "
+                                           "to overlay."),
+    formats: str = typer.Option("png", "--format", help="Figure formats, e.g. png,svg,pdf."),
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+):
+    """Rank plots and the Tucker-vs-GQA-vs-MLA trade-off, as figures + index.html + summary.md.
+
+    Example: [bold]tuckerctl report analysis.json -o report/[/bold]
+    """
+    from .report import build_report
+
+    docs = [_analysis_of(p, device) for p in (source, compare) if p is not None]
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    written = build_report(docs[0], out, formats=fmts, compare=docs[1] if len(docs) > 1 else None)
+    if not quiet:
+        err.print(f"wrote {len(written)} files to {out}/ (open {out}/index.html)", highlight=False)
+
+
+def _analysis_of(path: Path, device: str) -> dict:
+    from .report import load_analysis
+
+    if path.suffix == ".json":
+        return load_analysis(path)
+    from .analysis import analyze as run
+
+    return run(path, device=device)
+
+
 def _version(value: bool):
     if value:
         print(f"tuckerctl {__version__}")

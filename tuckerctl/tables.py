@@ -71,3 +71,32 @@ def print_inspect(doc: dict, console: Console) -> None:
     console.print(f"pre-softmax tensor {layer['pre_shape']} ceilings {layer['pre_ceilings']}; "
                   f"post-softmax tensor {layer['post_shape']} ceilings {layer['post_ceilings']}; "
                   f"{layer['params']:,} attention parameters per layer", highlight=False)
+
+
+def print_compress(doc: dict, out, console: Console) -> None:
+    s = doc["summary"]
+    console.print(f"wrote {out}/: {s['params_tucker']:,} Tucker parameters for {s['params_original']:,} "
+                  f"attention parameters ({100 * s['ratio']:.1f}%), max relative error "
+                  f"{s['max_rel_error']:.3g}, KV cache per token {s['kv_cache_per_token']['original']} → "
+                  f"{s['kv_cache_per_token']['tucker_max']}", highlight=False)
+    for note in doc.get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+
+
+def print_verify(doc: dict, console: Console) -> None:
+    limit = doc["settings"]["max_error"]
+    table = Table(title=f"Reconstruction check on {doc['settings']['device']} "
+                        f"({doc['settings']['tokens']} random tokens"
+                        + (f", max error {limit:g}" if limit is not None else "") + ")",
+                  title_justify="left")
+    for col in ("layer", "pre ranks", "pre error", "post ranks", "post error", "logits error", "output error", ""):
+        table.add_column(col, justify="right")
+    for r in doc["layers"]:
+        table.add_row(str(r["index"]), "×".join(map(str, r["pre"]["ranks"])), f"{r['pre']['rel_error']:.3g}",
+                      "×".join(map(str, r["post"]["ranks"])), f"{r['post']['rel_error']:.3g}",
+                      f"{r['logits_rel_error']:.3g}", f"{r['output_rel_error']:.3g}",
+                      "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
+    console.print(table)
+    verdict = "[green]passed[/green]" if doc["passed"] else "[red]failed[/red]"
+    console.print(f"{verdict}: max relative weight error {doc['max_rel_error']:.3g} "
+                  f"({doc['seconds']:.1f} s)", highlight=False)

@@ -1,0 +1,171 @@
+"""``tuckerctl verify``: reconstruction checks of a compressed checkpoint against its source.
+
+Independent of the structured error formula used while compressing:
+
+(a) weights: per layer, the relative Frobenius error of both tensors, computed per
+    head densely on the device (float64) in batches, from the files;
+(b) function: attention logits and attention output of the original per-head weights
+    vs. :class:`tuckerctl.nn.TuckerAttention` on random token inputs (fixed seed).
+
+Both sides of (b) are the bilinear-form attention: per-token qk-norm scalars, softcap,
+RoPE and ALiBi lie outside both, so they are left out of both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import __version__
+from .adapters import detect
+from .analysis import iter_layers
+from .checkpoint import open_checkpoint
+from .device import resolve_device
+from .errors import InputError
+from .multilinear import HeadStack
+from .nn import TuckerAttention
+from .tucker_format import TuckerCheckpoint, content_hash, load
+
+SCHEMA = "tuckerctl.verify/1"
+_BATCH_ELEMENTS = 1 << 26
+
+
+def weight_error(stack: HeadStack, core: torch.Tensor, factors: list[torch.Tensor]) -> float:
+    """||W - W_hat||_F / ||W||_F, forming W[h] and W_hat[h] densely a few heads at a time."""
+    U1, U2, U3 = factors
+    H, m, n = stack.shape
+    mix = torch.einsum("hj,jab->hab", U1, core)  # M_h = sum_j U1[h, j] C[j]
+    step = max(1, _BATCH_ELEMENTS // (m * n))
+    num = torch.zeros((), dtype=torch.float64, device=core.device)
+    den = torch.zeros((), dtype=torch.float64, device=core.device)
+    for s in range(0, H, step):
+        heads = slice(s, min(H, s + step))
+        W = stack.head_slices(heads)
+        diff = W - U2 @ mix[heads] @ U3.T
+        num += (diff * diff).sum()
+        den += (W * W).sum()
+    return float((num / den).sqrt()) if den > 0 else 0.0
+
+
+def _homog(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1) if rows == x.shape[1] + 1 else x
+
+
+def _side(stack: HeadStack, left: bool) -> torch.Tensor:
+    """Per-head (left) or per-group (right) factors in the embedding coordinates."""
+    f, basis = (stack.left, stack.left_basis) if left else (stack.right, stack.right_basis)
+    return f if basis is None else basis @ f
+
+
+def original_attention(pre: HeadStack, post: HeadStack, x: torch.Tensor, scale: float, causal: bool,
+                       out_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (H, N, N), output (N, d)) of the original weights, from the per-head factors."""
+    A, B = _side(pre, True), _side(pre, False)[pre.group_of]
+    xq = _homog(x, A.shape[1])
+    logits = scale * (xq @ A) @ (xq @ B).transpose(1, 2)
+    probs = logits
+    if causal:
+        n = x.shape[0]
+        probs = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    probs = probs.softmax(-1)
+    O_t, V = _side(post, True), _side(post, False)[post.group_of]
+    xv = _homog(x, V.shape[1])
+    y = torch.einsum("hij,hjv,hdv->id", probs, xv @ V, O_t)
+    return logits, (y + out_bias if out_bias is not None else y)
+
+
+def tucker_logits(core, factors, x, scale) -> torch.Tensor:
+    U1, U2, U3 = factors
+    P, K = _homog(x, U2.shape[0]) @ U2, _homog(x, U3.shape[0]) @ U3
+    M = torch.einsum("hj,jab->hab", U1, core)
+    return scale * (P @ M) @ K.T
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float("inf")
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def _check_same_model(tk: TuckerCheckpoint, spec, against) -> None:
+    stored = tk.spec
+    for key in ("family", "layers", "d", "heads", "kv_heads", "head_dim"):
+        if stored.get(key) != getattr(spec, key):
+            raise InputError(f"{tk.path} was compressed from a different model than {against}: "
+                             f"{key} {stored.get(key)} vs {getattr(spec, key)}")
+
+
+def verify(compressed, against, *, max_error: float | None = None, tokens: int = 64, seed: int = 0,
+           device: str = "auto", config=None, progress: Callable[[int, int], None] | None = None,
+           check_hash: bool = True) -> dict:
+    """Check every layer of ``compressed`` against the ``against`` checkpoint."""
+    if tokens < 1:
+        raise InputError(f"--tokens: {tokens} must be positive")
+    if max_error is not None and max_error < 0:
+        raise InputError(f"--max-error: {max_error} is negative")
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    tk = load(compressed)
+    ckpt = open_checkpoint(against, config)
+    overrides = {} if ckpt.config else {k: tk.spec.get(k) for k in ("heads", "kv_heads", "head_dim")}
+    adapter, spec = detect(ckpt, family=tk.spec.get("family"), **overrides)
+    _check_same_model(tk, spec, against)
+    source = tk.info["source"]
+    names = sorted({n for rec in tk.info["layers"] for n in rec["source_tensors"]})
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise InputError(f"{against}: missing tensor {missing[0]!r} that {tk.path} was compressed from")
+    if check_hash and source.get("sha256") and content_hash(ckpt, names) != source["sha256"]:
+        raise InputError(f"{tk.path} was compressed from different weights than {against} "
+                         f"(content hash mismatch)")
+    causal = bool(spec.extras.get("causal", True))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, spec.d, generator=gen, dtype=torch.float64).to(dev)
+    rows = []
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, tk.layers)):
+        t = tk.layer(layer.index, dev, torch.float64)
+        rec = tk._layers[layer.index]
+        pre, post = (getattr(layer, key).to(device=dev, dtype=torch.float64) for key in ("pre", "post"))
+        for key, stack, core, fs in (("pre", pre, t.pre_core, t.pre_factors),
+                                     ("post", post, t.post_core, t.post_factors)):
+            want = (stack.heads, stack.shape[1], stack.shape[2])
+            got = (fs[0].shape[0], fs[1].shape[0], fs[2].shape[0])
+            if want != got:
+                raise InputError(f"{tk.path}: layer {layer.index} {key} factors have mode sizes {list(got)}, "
+                                 f"but {against} gives {list(want)}")
+        bias = None if layer.out_bias is None else layer.out_bias.to(device=dev, dtype=torch.float64)
+        logits, y = original_attention(pre, post, x, spec.scale, causal, bias)
+        attn = TuckerAttention(t.pre_core, t.pre_factors, t.post_core, t.post_factors, spec.scale,
+                               out_bias=t.out_bias, causal=causal)
+        with torch.no_grad():
+            y_hat = attn(x)
+        row = {
+            "index": layer.index,
+            "pre": {"ranks": list(t.pre_core.shape), "rel_error": weight_error(pre, t.pre_core, t.pre_factors),
+                    "reported_error": rec["pre"]["rel_error"]},
+            "post": {"ranks": list(t.post_core.shape),
+                     "rel_error": weight_error(post, t.post_core, t.post_factors),
+                     "reported_error": rec["post"]["rel_error"]},
+            "logits_rel_error": _rel(tucker_logits(t.pre_core, t.pre_factors, x, spec.scale), logits),
+            "output_rel_error": _rel(y_hat, y),
+        }
+        worst = max(row["pre"]["rel_error"], row["post"]["rel_error"])
+        row["ok"] = max_error is None or worst <= max_error
+        rows.append(row)
+        if progress:
+            progress(k + 1, len(tk.layers))
+    return {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "compressed": str(compressed),
+        "against": str(against),
+        "settings": {"max_error": max_error, "tokens": tokens, "seed": seed, "device": str(dev),
+                     "causal": causal},
+        "layers": rows,
+        "passed": all(r["ok"] for r in rows),
+        "max_rel_error": max((max(r["pre"]["rel_error"], r["post"]["rel_error"]) for r in rows), default=0.0),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
