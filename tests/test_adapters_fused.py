@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers as tf
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from safetensors.torch import load_file, save_file
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from tests.oracle import capture, rebuild_attention, rel_err, save_tiny
@@ -197,12 +198,18 @@ def test_alibi_slopes_match_transformers(heads):
     assert torch.allclose(got, _get_alibi_slopes(heads, torch.device("cpu")).double(), rtol=1e-6)
 
 
-def test_alibi_matters(tmp_path_factory):
-    """Without its ALiBi bias the Bloom rebuild is visibly off (the bias is active)."""
-    model, path = build("bloom", tmp_path_factory)
+@pytest.mark.parametrize("name", ["bloom", "falcon_rw_alibi"])
+def test_alibi_matters(name, tmp_path_factory):
+    """Without (or with twice) its ALiBi bias the rebuild is off: the bias is active and
+    enters exactly once."""
+    model, path = build(name, tmp_path_factory)
     ckpt, adapter, spec = read(path)
-    x, y = layer_io("bloom", model, 0)
-    assert rel_err(rebuild_attention(adapter.layer(ckpt, spec, 0), spec, x, causal=True), y) > 1e-2
+    layer = adapter.layer(ckpt, spec, 0)
+    x, y = layer_io(name, model, 0)
+    a = alibi_bias(name, spec)
+    assert rel_err(rebuild_attention(layer, spec, x, causal=True, alibi=a), y) <= 1e-5
+    for wrong in (0 * a, 2 * a):
+        assert rel_err(rebuild_attention(layer, spec, x, causal=True, alibi=wrong), y) > 1e-3
 
 
 # ---------------------------------------------------------------- without a config
@@ -218,6 +225,28 @@ def test_without_config(name, kw, tmp_path_factory, tmp_path):
     assert spec.notes
     err = rebuild_error(name, model, spec, adapter.layer(ckpt, spec, 0), 0)
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("name,buffers", [
+    ("gpt2_bare", ("attn.bias", "attn.masked_bias")),  # as in openai-community/gpt2
+    ("gpt_neox", ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")),
+])
+def test_mask_buffers_are_not_biases(name, buffers, tmp_path_factory, tmp_path):
+    """Old files carry causal-mask / frequency buffers named like biases: never read."""
+    model, path = build(name, tmp_path_factory)
+    shutil.copytree(path, tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    stack = "h." if name == "gpt2_bare" else "gpt_neox.layers."
+    for i in range(2):
+        tensors[f"{stack}{i}.{buffers[0]}"] = torch.tril(torch.ones(16, 16)).reshape(1, 1, 16, 16)
+        for extra in buffers[1:]:
+            tensors[f"{stack}{i}.{extra}"] = torch.tensor([-1e4] if "masked" in extra else [1.0, 0.1])
+    save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    ckpt, adapter, spec = read(tmp_path / "m")
+    layer = adapter.layer(ckpt, spec, 0)
+    assert not {f"{stack}0.{b}" for b in buffers} & set(layer.tensors)
+    assert f"{stack}0.{buffers[0]}" in ckpt
+    assert rebuild_error(name, model, spec, layer, 0) <= 1e-5
 
 
 # ---------------------------------------------------------------- negative controls

@@ -301,7 +301,7 @@ class TuckerAttention(nn.Module):
         allowed = torch.ones(batch, 1, n_new, total, dtype=torch.bool, device=device)
         if causal:
             q_pos = torch.arange(past, total, device=device)[:, None]
-            allowed = allowed & (torch.arange(total, device=device)[None, :] < q_pos)
+            allowed = allowed & (torch.arange(total, device=device)[None, :] <= q_pos)
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :].to(torch.bool)
         return allowed

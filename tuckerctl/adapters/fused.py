@@ -148,13 +148,12 @@ class FusedQKV(Adapter):
     conv1d = False
     layout = "grouped"
     bias_key: str | None = None  # config flag for q/k/v biases, cross-checked with the tensors
+    signature = None  # derived from stack/qkv per subclass; "" disables config-less detection
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.qkv and cls.signature is None:
             cls.signature = signature_of(cls.stack, cls.qkv + ".weight")
-
-    signature = None  # filled per subclass; "" disables config-less detection
 
     # -- per-family hooks
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes) -> tuple[int, int, int, int]:

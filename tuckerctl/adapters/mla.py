@@ -129,6 +129,33 @@ def _positive(src: str, name: str, v, allow_zero: bool = False) -> int:
     return v
 
 
+_PROJECTIONS = ("q_a_proj.weight", "q_b_proj.weight", "q_proj.weight", _KV_A, "kv_b_proj.weight",
+                "o_proj.weight")
+
+
+def _shapes(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Tensor suffix under ``self_attn.`` -> (shape the spec implies, required)."""
+    ex, H, d = spec.extras, spec.heads, spec.d
+    r_q, r_kv = ex["q_lora_rank"], ex["kv_lora_rank"]
+    d_n, d_r, d_v = ex["qk_nope_head_dim"], ex["qk_rope_head_dim"], ex["v_head_dim"]
+    if r_q is not None:
+        query = {"q_a_proj.weight": ((r_q, d), True), "q_a_proj.bias": ((r_q,), False),
+                 "q_a_layernorm.weight": ((r_q,), True), "q_b_proj.weight": ((H * (d_n + d_r), r_q), True)}
+    else:
+        query = {"q_proj.weight": ((H * (d_n + d_r), d), True), "q_proj.bias": ((H * (d_n + d_r),), False)}
+    return {**query,
+            _KV_A: ((r_kv + d_r, d), True), "kv_a_proj_with_mqa.bias": ((r_kv + d_r,), False),
+            "kv_a_layernorm.weight": ((r_kv,), True), "kv_b_proj.weight": ((H * (d_n + d_v), r_kv), True),
+            "o_proj.weight": ((d, H * d_v), True), "o_proj.bias": ((d,), False)}
+
+
+def _what(spec: ModelSpec) -> str:
+    ex = spec.extras
+    return (f"d={spec.d}, heads={spec.heads}, q_lora_rank={ex['q_lora_rank']}, "
+            f"kv_lora_rank={ex['kv_lora_rank']}, qk_nope={ex['qk_nope_head_dim']}, "
+            f"qk_rope={ex['qk_rope_head_dim']}, v_head_dim={ex['v_head_dim']}")
+
+
 class MLA(Adapter):
     """DeepSeek-V2/V3, Kimi-K2 and MiniCPM3 multi-head latent attention."""
 
@@ -240,13 +267,18 @@ class MLA(Adapter):
         notes.append("latent RMSNorms: per-token 1/rms of the query latent scales each logit, that of "
                      "c_kv scales the nope part of the logit and every value (gains are folded)")
         if family == "minicpm3":
-            depth = cfg.get("scale_depth")
+            # transformers: absent -> class default 1.4; explicit null -> sqrt(L), i.e. no scaling.
+            depth = cfg.get("scale_depth", 1.4)
             res = 1.0 if depth is None else float(depth) / math.sqrt(layers)
             extras["residual_scale"] = res
             notes.append(f"MiniCPM3 scales the attention output by scale_depth/sqrt(L) = {res:.6g} "
                          f"before the residual add; not folded into W_VO")
-        return ModelSpec(family, "MLA", layers, d, H, H, d_n + d_r, d_v, bias, True, True,
+        spec = ModelSpec(family, "MLA", layers, d, H, H, d_n + d_r, d_v, bias, True, True,
                          scale, extras, notes, prefix)
+        for suffix, (expected, required) in _shapes(spec).items():  # config vs layer-0 shapes, up front
+            if required or base + suffix in ckpt:
+                check_shape(ckpt, base + suffix, expected, _what(spec))
+        return spec
 
     def layer(self, ckpt: Checkpoint, spec: ModelSpec, i: int) -> LayerWeights:
         base = f"{spec.prefix}layers.{i}.self_attn."
@@ -254,33 +286,27 @@ class MLA(Adapter):
         ex = spec.extras
         r_q, r_kv = ex["q_lora_rank"], ex["kv_lora_rank"]
         d_n, d_r, d_v = ex["qk_nope_head_dim"], ex["qk_rope_head_dim"], ex["v_head_dim"]
-        what = (f"d={d}, heads={H}, q_lora_rank={r_q}, kv_lora_rank={r_kv}, "
-                f"qk_nope={d_n}, qk_rope={d_r}, v_head_dim={d_v}")
+        shapes, what = _shapes(spec), _what(spec)
         names: list[str] = []
 
-        def get(proj: str, shape: tuple[int, ...], optional: bool = False) -> Tensor | None:
-            name = base + proj
-            if optional and name not in ckpt:
+        def get(suffix: str) -> Tensor | None:
+            """Read a tensor after checking its shape; None for an absent optional one."""
+            name = base + suffix
+            expected, required = shapes[suffix]
+            if not required and name not in ckpt:
                 return None
-            check_shape(ckpt, name, shape, what)
+            check_shape(ckpt, name, expected, what)
             names.append(name)
             return ckpt.get(name)
 
         if r_q is not None:
-            qa = get("q_a_proj.weight", (r_q, d))
-            qa_b = get("q_a_proj.bias", (r_q,), optional=True)
-            g_q = get("q_a_layernorm.weight", (r_q,))
-            qb = get("q_b_proj.weight", (H * (d_n + d_r), r_q))
-            q_bias = qa_b
+            qa, q_bias = get("q_a_proj.weight"), get("q_a_proj.bias")
+            g_q, qb = get("q_a_layernorm.weight"), get("q_b_proj.weight")
         else:
-            qw = get("q_proj.weight", (H * (d_n + d_r), d))
-            q_bias = get("q_proj.bias", (H * (d_n + d_r),), optional=True)
-        kva = get("kv_a_proj_with_mqa.weight", (r_kv + d_r, d))
-        kva_b = get("kv_a_proj_with_mqa.bias", (r_kv + d_r,), optional=True)
-        g_kv = get("kv_a_layernorm.weight", (r_kv,))
-        kvb = get("kv_b_proj.weight", (H * (d_n + d_v), r_kv))
-        o = get("o_proj.weight", (d, H * d_v))
-        o_b = get("o_proj.bias", (d,), optional=True)
+            qw, q_bias = get("q_proj.weight"), get("q_proj.bias")
+        kva, kva_b = get(_KV_A), get("kv_a_proj_with_mqa.bias")
+        g_kv, kvb = get("kv_a_layernorm.weight"), get("kv_b_proj.weight")
+        o, o_b = get("o_proj.weight"), get("o_proj.bias")
         homog = q_bias is not None or kva_b is not None
 
         def with_row(m: Tensor, row: Tensor | None) -> Tensor:
@@ -290,7 +316,7 @@ class MLA(Adapter):
         af = float(ex.get("rope_attention_factor", 1.0))
         # Query side: per-head columns [nope; rope]; the YaRN factor rides on the rope columns.
         if r_q is not None:
-            left_basis = with_row(qa.T, qa_b)  # (d[+1], r_q)
+            left_basis = with_row(qa.T, q_bias)  # (d[+1], r_q)
             left = qb.reshape(H, d_n + d_r, r_q).transpose(1, 2) * g_q.reshape(1, r_q, 1)
         else:
             left_basis = None
@@ -311,9 +337,7 @@ class MLA(Adapter):
                               kva_b is not None)[0]  # (d[+1], r_kv): a value bias only if c_kv has one
         post = HeadStack(o_t, w_vb.transpose(1, 2) * g_kv.reshape(1, r_kv, 1), None, v_basis)
 
-        projections = ("q_a_proj.weight", "q_b_proj.weight", "q_proj.weight", _KV_A, "kv_b_proj.weight",
-                       "o_proj.weight")
-        params = sum(ckpt.numel(n) for n in names if n.endswith(projections))
+        params = sum(ckpt.numel(n) for n in names if n.endswith(_PROJECTIONS))
         return LayerWeights(i, pre, post, o_b, names, params)
 
 
