@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers as tf
 
-from tests.oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import capture, rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError

@@ -22,7 +22,7 @@ from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from safetensors.torch import load_file, save_file
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-from tests.oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import capture, rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import separate_layer
 from tuckerctl.adapters.fused import alibi_slopes, layer_scale, split_contiguous

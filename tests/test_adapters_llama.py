@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from tests.oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import capture, rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import find_layers
 from tuckerctl.checkpoint import open_checkpoint
@@ -251,17 +251,19 @@ def copy_model(src, dst, config=None):
 
 
 @pytest.mark.parametrize("field, value, tensor", [
-    ("num_attention_heads", 2, "q_proj"),  # head_dim stays 12: q rows 2*12 != 48
-    ("num_key_value_heads", 4, "k_proj"),
-    ("head_dim", 8, "q_proj"),
-    ("hidden_size", 48, "q_proj"),
+    ("num_attention_heads", 2, "layers.0.self_attn.q_proj"),  # head_dim stays 12: q rows 2*12 != 48
+    ("num_key_value_heads", 4, "layers.0.self_attn.k_proj"),
+    ("head_dim", 8, "layers.0.self_attn.q_proj"),
+    ("hidden_size", 48, "layers.0.self_attn.q_proj"),
+    ("num_hidden_layers", 3, "layers.2.self_attn.q_proj"),
 ])
 def test_config_inconsistent_with_shapes(field, value, tensor, tmp_path_factory, tmp_path):
+    """Caught when the spec is built (detect), naming the tensor that disagrees."""
     _, path = build("llama_gqa_bias", tmp_path_factory)
     cfg = json.loads((path / "config.json").read_text())
     cfg[field] = value
     bad = copy_model(path, tmp_path / "bad", cfg)
-    one_line_error(lambda: read(bad), f"model.layers.0.self_attn.{tensor}.weight")
+    one_line_error(lambda: read(bad), f"'model.{tensor}.weight'")
 
 
 def test_config_heads_not_dividing(tmp_path_factory, tmp_path):
@@ -343,7 +345,11 @@ def test_config_less_wrong_heads(tmp_path_factory, tmp_path):
     _, path = build("llama_gqa_bias", tmp_path_factory)
     bare = copy_model(path, tmp_path / "bare", config=False)
     one_line_error(lambda: read(bare, heads=4, kv_heads=2, head_dim=8), "q_proj")
-    one_line_error(lambda: read(bare, heads=5), "q_proj")
+    one_line_error(lambda: read(bare, heads=5), "q_proj")  # 48 rows are not 5 heads
+    gone = "model.layers.0.self_attn.q_proj.weight"
+    holed = resave(path, tmp_path / "holed", drop=[gone])
+    (holed / "config.json").unlink()
+    one_line_error(lambda: read(holed, heads=4), gone)
 
 
 def test_multimodal_picks_language_model(tmp_path):

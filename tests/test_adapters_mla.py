@@ -23,7 +23,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from tests.oracle import capture, rel_err, save_tiny
+from oracle import capture, rel_err, save_tiny
 from tuckerctl.adapters import detect, mla
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError

@@ -20,7 +20,7 @@ import torch
 import transformers as tf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.oracle import rebuild_attention, rel_err, save_tiny
+from oracle import rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.multilinear import Tucker, tucker

@@ -58,13 +58,15 @@ def detect(ckpt: Checkpoint, heads: int | None = None, kv_heads: int | None = No
         if value is not None:
             for alias in _ALIASES[key]:
                 cfg[alias] = value
-    src = str(ckpt.config_path or ckpt.path)
     family = family or cfg.get("model_type")
     if family:
         adapter = family_adapter(family)
         cfg.setdefault("model_type", family)
     else:
-        matches = [a for a in ADAPTERS
+        # The Llama-like adapter's names are the most generic (OPT and MLA q_proj match
+        # them too), so it is tried last.
+        ordered = ADAPTERS[1:] + ADAPTERS[:1]
+        matches = [a for a in ordered
                    if a.signature and any(re.search(a.signature + "$", n) for n in ckpt.names())]
         if not matches:
             raise InputError(f"{ckpt.path}: no config.json and no known attention tensor names; "

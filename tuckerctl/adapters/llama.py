@@ -86,6 +86,8 @@ class LlamaLike(Adapter):
             head_dim = _from_rows(ckpt, base + "q_proj.weight", H, "heads")
             if head_dim != d // H or not ckpt.config:
                 notes.append(f"head dim = {head_dim} from q_proj rows / heads")
+        check_heads(src, d, H, 1, head_dim)
+        check_shape(ckpt, base + "q_proj.weight", (H * head_dim, d), f"d={d}, heads={H}, head_dim={head_dim}")
         G = cfg_get(cfg, "num_key_value_heads")
         if G is None:
             G = _from_rows(ckpt, base + "k_proj.weight", head_dim, "head_dim")
@@ -94,15 +96,16 @@ class LlamaLike(Adapter):
         check_heads(src, d, H, G, head_dim)
 
         layers = cfg_get(cfg, "num_hidden_layers")
+        said = f"config says {layers} layers"
         if layers is None:
-            layers = len(qs)
+            layers, said = len(qs), "layers are numbered from 0"
+        if not isinstance(layers, int) or layers < 1:
+            raise InputError(f"{src}: num_hidden_layers must be a positive integer, got {layers!r}")
         # Layers past num_hidden_layers (e.g. multi-token-prediction heads) are not read.
         missing = sorted(set(range(layers)) - set(qs))
         if missing:
-            raise InputError(f"{ckpt.path}: missing tensor '{prefix}layers.{missing[0]}.self_attn.q_proj.weight' "
-                             f"(config says {layers} layers)")
-        if layers < 1:
-            raise InputError(f"{src}: num_hidden_layers must be positive, got {layers}")
+            raise InputError(f"{ckpt.path}: missing tensor "
+                             f"'{prefix}layers.{missing[0]}.self_attn.q_proj.weight' ({said})")
 
         bias = any(base + p + ".bias" in ckpt for p in _PROJ[:3])
         qk_norm = base + "q_norm.weight" in ckpt or base + "k_norm.weight" in ckpt
