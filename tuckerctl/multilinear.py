@@ -202,6 +202,27 @@ def _weighted_side_gram(X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
     return K
 
 
+# Above this short side, singular values come from the float64 Gram (eigvalsh is
+# 4-10x faster than an SVD at d = 4096 and agrees to ~1e-12 sigma_1 there; values
+# below ~sqrt(n eps) sigma_1 ~ 1e-6 sigma_1 are then at rounding level).
+_GRAM_ABOVE = 512
+
+
+def _singular(X: Tensor, k: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Singular values of X (descending) and, if ``k``, its k leading left singular vectors."""
+    p, w = X.shape
+    if min(p, w) <= _GRAM_ABOVE:
+        if k is None:
+            return torch.linalg.svdvals(X), None
+        U, S, _ = torch.linalg.svd(X, full_matrices=False)
+        return S, U[:, :k]
+    if k is None:
+        gram = X @ X.T if p <= w else X.T @ X
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), None
+    vals, vecs = _top_eigvecs(X @ X.T, k)
+    return vals.sqrt(), vecs
+
+
 def _top_eigvecs(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Leading eigenpairs of a symmetric PSD matrix, descending."""
     vals, vecs = torch.linalg.eigh(gram)
@@ -225,13 +246,14 @@ class ModeSpectra:
 def mode_spectra(stack: HeadStack | Reduced) -> ModeSpectra:
     """Singular values of the head, left and right unfoldings of ``W``.
 
-    Left/right: exact SVD of a small matrix sharing the unfolding's singular values
-    (thin QR of the other side, no squaring). Head: eigenvalues of the H x H Gram."""
+    Left/right: a matrix sharing the unfolding's singular values (thin QR of the other
+    side), p x (H k) instead of d x H d; its SVD when small, else its float64 Gram.
+    Head: eigenvalues of the H x H Gram."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
     g1 = head_gram(red.lc, red.rc, red.group)
     head = torch.linalg.eigvalsh(g1).flip(0).clamp_min(0).sqrt()
-    left = torch.linalg.svdvals(_left_unfolding_core(red))
-    right = torch.linalg.svdvals(_right_unfolding_core(red))
+    left = _singular(_left_unfolding_core(red))[0]
+    right = _singular(_right_unfolding_core(red))[0]
     return ModeSpectra(head, left, right, g1)
 
 
@@ -298,8 +320,8 @@ def tucker(stack: HeadStack, ranks, hooi_iters: int = 0) -> Tucker:
     r1, r2, r3 = clamp_ranks(red, ranks)
     norm_sq = frobenius_norm_sq(red)
     _, U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), r1)
-    V2 = torch.linalg.svd(_left_unfolding_core(red), full_matrices=False)[0][:, :r2]
-    V3 = torch.linalg.svd(_right_unfolding_core(red), full_matrices=False)[0][:, :r3]
+    V2 = _singular(_left_unfolding_core(red), r2)[1]
+    V3 = _singular(_right_unfolding_core(red), r3)[1]
     core = _core_reduced(red, U1, V2, V3)
     errors = [_rel_error(norm_sq, core)]
     rc_h = red.rc_heads
