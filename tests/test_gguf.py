@@ -218,12 +218,18 @@ def _smollm2_path() -> Path | None:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _svals(M: torch.Tensor) -> torch.Tensor:
+    """Singular values of a wide matrix via Householder QR of its transpose (backward
+    stable, so values near 1e-16 * s1 stay visible; much faster than a wide SVD)."""
+    return torch.linalg.svdvals(torch.linalg.qr(M.T, mode="r")[1])
+
+
 def _dense_spectra(W: torch.Tensor):
     """Singular values of the head, left and right unfoldings of a dense (H, m, n) tensor."""
     H, m, n = W.shape
     return (torch.linalg.svdvals(W.reshape(H, m * n)),
-            torch.linalg.svdvals(W.permute(1, 0, 2).reshape(m, H * n)),
-            torch.linalg.svdvals(W.permute(2, 0, 1).reshape(n, H * m)))
+            _svals(W.permute(1, 0, 2).reshape(m, H * n)),
+            _svals(W.permute(2, 0, 1).reshape(n, H * m)))
 
 
 @pytest.mark.slow
@@ -247,7 +253,7 @@ def test_smollm2_gguf_gqa_ranks():
             assert right.numel() < G_dh + 1 or right[G_dh] <= 1e-12 * s1, (i, which)
             assert right[G_dh - 1] > 1e-5 * s1, (i, which, float(right[G_dh - 1] / s1))
             # Query mode (pre) / output mode (post): full, 576; head mode: 9.
-            assert left.numel() == 576 and left[-1] > 1e-6 * left[0], (i, which)
+            assert left.numel() == 576 and left[-1] > 1e-9 * left[0], (i, which)  # noise floor ~1e-16
             assert head.numel() == 9 and head[-1] > 1e-3 * head[0], (i, which)
             # Independent oracle: SVDs of the dense tensor's unfoldings agree, and the
             # dense key/value unfolding really has nothing beyond 192.

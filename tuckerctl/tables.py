@@ -51,7 +51,7 @@ def print_analysis(doc: dict, console: Console) -> None:
         console.print(f"• {line}", highlight=False)
     secs = doc.get("summary", {}).get("seconds")
     if secs is not None:
-        console.print(f"[dim]{len(doc["layers"])} layers in {secs:.2f} s on {doc['settings']['device']}[/dim]")
+        console.print(f"[dim]{len(doc['layers'])} layers in {secs:.2f} s on {doc['settings']['device']}[/dim]")
 
 
 def print_inspect(doc: dict, console: Console) -> None:
