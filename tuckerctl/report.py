@@ -1,0 +1,446 @@
+"""``tuckerctl report``: figures, ``index.html`` and ``summary.md`` from an analysis document.
+
+:func:`load_analysis` reads and validates an analysis JSON written by ``tuckerctl
+analyze``; :func:`build_report` writes the report directory (every file atomically, and
+nothing outside that directory). The HTML is self-contained: inline CSS and relative
+image paths, so the directory can be copied and read offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from numbers import Real
+from pathlib import Path
+
+from . import __version__, pareto
+from .errors import InputError
+from .io import atomic_write
+from .pareto import MODE_NAMES, TENSORS
+
+SCHEMA = "tuckerctl.analysis/1"
+FORMATS = ("png", "svg", "pdf")
+ATTENTIONS = ("MHA", "GQA", "MQA", "MLA")
+
+FIGURES = {
+    "fig1-spectra": (
+        "Mode spectra",
+        "Normalised singular values σ_i/σ_1 of the three unfoldings of each tensor (log scale), one line per "
+        "layer coloured by depth. The dotted vertical line is the rank ceiling the architecture imposes; "
+        "beyond it (shaded) the spectrum is structurally zero. A spectrum that runs to its ceiling uses all "
+        "the rank the architecture allows; one that falls off early can be truncated."),
+    "fig2-ranks": (
+        "Effective rank by layer",
+        "Energy ranks r(τ) (the smallest rank keeping a fraction τ of the squared singular values) and the "
+        "numerical rank, per layer and mode. Dashed horizontal lines are the rank ceilings of MHA, of GQA "
+        "with G groups (the model's own in bold) and of MLA (an MLA model's own latent widths; otherwise an "
+        "MLA with the same KV cache per token, 2·G·d_h). No existing family compresses the head mode: its "
+        "ceiling is always H. Tucker attention does (r1 < H)."),
+    "fig3-heads": (
+        "Head-mode structure",
+        "Cosine similarity of the head slices, ⟨W[h], W[h′]⟩ / (‖W[h]‖ ‖W[h′]‖), of the pre- and "
+        "post-softmax tensors, and the head-mode spectrum, for up to six evenly spread layers. Similar "
+        "heads and a fast-falling head spectrum mean the head mode compresses (r1 < H)."),
+    "fig4-tradeoff": (
+        "Error against parameters: Tucker, MLA- and GQA-shaped formats",
+        "Relative error of truncating each tensor (truncated-HOSVD tail bound, capped at 1; the same ranks in "
+        "every layer) against the parameters a format needs to store the truncation, summed over layers. "
+        "Black: Pareto frontier of Tucker formats (r1 ≤ H, any r2, r3; geometric grids of rank triples). "
+        "Red: MLA-shaped formats (r1 = H; latent query and key ranks for W, a latent value rank and a full "
+        "output projection for W̃), stored as latent down-projections plus per-head up-projections. "
+        "Blue diamonds: GQA-shaped formats with G groups (key/value rank G·d_h, full query rank): filled "
+        "where the error is exact, hollow where it is only a lower bound (a grouping the model's heads do "
+        "not already have). Star: the model's own architecture, exact by construction (error 0 is drawn "
+        "on the dotted floor line). Tucker and MLA-shaped errors are achievable upper bounds. Per tensor, "
+        "a shared latent projection (MLA's KV latent) is counted in each tensor that uses it."),
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+class _Checker:
+    """Walks an analysis document; the first bad field raises an InputError naming it."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, what: str):
+        raise InputError(f"{self.source}: field '{path}' {what}")
+
+    def get(self, obj, key, path: str):
+        if not isinstance(obj, dict):
+            self.fail(path.rsplit(".", 1)[0] if "." in path else path, "must be an object")
+        if key not in obj:
+            self.fail(path, "is missing")
+        return obj[key]
+
+    def int(self, obj, key, path: str, minimum: int = 0) -> int:
+        v = self.get(obj, key, path)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            self.fail(path, f"must be an integer >= {minimum} (got {v!r})")
+        return v
+
+    def num(self, obj, key, path: str) -> float:
+        v = self.get(obj, key, path)
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            self.fail(path, f"must be a finite number (got {v!r})")
+        return float(v)
+
+    def numbers(self, obj, key, path: str, length: int | None = None) -> list:
+        v = self.get(obj, key, path)
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(x)
+                                          for x in v):
+            self.fail(path, "must be a list of finite numbers")
+        if length is not None and len(v) != length:
+            self.fail(path, f"must have {length} entries (has {len(v)})")
+        return v
+
+    def list(self, obj, key, path: str) -> list:
+        v = self.get(obj, key, path)
+        if not isinstance(v, list) or not v:
+            self.fail(path, "must be a non-empty list")
+        return v
+
+
+def validate_analysis(doc, source: str = "analysis") -> dict:
+    """Check that ``doc`` is an analysis document this module can draw; returns it.
+
+    Raises :class:`InputError` naming ``source`` and the first missing or malformed field."""
+    c = _Checker(source)
+    if not isinstance(doc, dict):
+        raise InputError(f"{source}: not a JSON object")
+    schema = c.get(doc, "schema", "schema")
+    if schema != SCHEMA:
+        c.fail("schema", f"is {schema!r}, expected {SCHEMA!r} (write it with `tuckerctl analyze --json`)")
+    model = c.get(doc, "model", "model")
+    for k in ("family", "attention"):
+        if not isinstance(c.get(model, k, f"model.{k}"), str):
+            c.fail(f"model.{k}", "must be a string")
+    if model["attention"] not in ATTENTIONS:
+        c.fail("model.attention", f"must be one of {', '.join(ATTENTIONS)} (got {model['attention']!r})")
+    for k in ("layers", "d", "heads", "kv_heads", "head_dim"):
+        c.int(model, k, f"model.{k}", 1)
+    if model.get("value_dim") is not None:
+        c.int(model, "value_dim", "model.value_dim", 1)
+    if model["attention"] == "MLA":
+        c.int(model, "kv_lora_rank", "model.kv_lora_rank", 1)
+    settings = c.get(doc, "settings", "settings")
+    energies = c.numbers(settings, "energy", "settings.energy")
+    if not energies:
+        c.fail("settings.energy", "must list at least one energy level")
+    c.num(settings, "tol", "settings.tol")
+    summary = c.get(doc, "summary", "summary")
+    verdicts = c.get(summary, "verdicts", "summary.verdicts")
+    if not isinstance(verdicts, list) or not all(isinstance(v, str) for v in verdicts):
+        c.fail("summary.verdicts", "must be a list of strings")
+    for i, layer in enumerate(c.list(doc, "layers", "layers")):
+        at = f"layers[{i}]"
+        c.int(layer, "index", f"{at}.index")
+        for key in TENSORS:
+            t = c.get(layer, key, f"{at}.{key}")
+            shape = c.numbers(t, "shape", f"{at}.{key}.shape", 3)
+            if any(not isinstance(s, int) or s < 1 for s in shape):
+                c.fail(f"{at}.{key}.shape", "must hold three positive integers")
+            c.num(t, "norm", f"{at}.{key}.norm")
+            modes = c.get(t, "modes", f"{at}.{key}.modes")
+            for m, size in zip(MODE_NAMES[key], shape):
+                p = f"{at}.{key}.modes.{m}"
+                M = c.get(modes, m, p)
+                if c.int(M, "size", f"{p}.size", 1) != size:
+                    c.fail(f"{p}.size", f"is {M['size']}, but {at}.{key}.shape says {size}")
+                c.int(M, "ceiling", f"{p}.ceiling", 1)
+                c.int(M, "numerical_rank", f"{p}.numerical_rank")
+                ranks = c.get(M, "energy_ranks", f"{p}.energy_ranks")
+                for e in energies:
+                    c.int(ranks, f"{e:g}", f"{p}.energy_ranks.{e:g}")
+                sv = c.numbers(M, "singular_values", f"{p}.singular_values")
+                if len(sv) > size:
+                    c.fail(f"{p}.singular_values", f"has {len(sv)} values for a mode of size {size}")
+                if any(b > a * (1 + 1e-9) + 1e-300 for a, b in zip(sv, sv[1:])) or any(s < 0 for s in sv):
+                    c.fail(f"{p}.singular_values", "must be non-negative and descending")
+            cos = c.get(t, "head_cosine", f"{at}.{key}.head_cosine")
+            H = shape[0]
+            if not isinstance(cos, list) or len(cos) != H:
+                c.fail(f"{at}.{key}.head_cosine", f"must be a {H} x {H} matrix (heads of {at}.{key}.shape)")
+            for r, row in enumerate(cos):
+                c.numbers({"row": row}, "row", f"{at}.{key}.head_cosine[{r}]", H)
+        c.int(c.get(layer, "params", f"{at}.params"), "original", f"{at}.params.original")
+    return doc
+
+
+def load_analysis(path) -> dict:
+    """Read and validate an analysis JSON file (schema ``tuckerctl.analysis/1``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file (expected analysis JSON)") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    return validate_analysis(doc, str(path))
+
+
+# ----------------------------------------------------------------------------- report
+
+def build_report(analysis: dict, out_dir: Path, formats: Sequence[str] = ("png",),
+                 compare: dict | None = None) -> list[Path]:
+    """Write figures, ``summary.md`` and ``index.html`` for ``analysis`` into ``out_dir``.
+
+    ``formats``: any of "png", "svg", "pdf" (PNG at 150 dpi). ``compare``: a second
+    analysis drawn over the first (solid vs dashed). Returns the written files."""
+    from . import plotting  # matplotlib is imported only when a report is built
+
+    formats = tuple(dict.fromkeys(str(f).lower().lstrip(".") for f in formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(FORMATS)}")
+    validate_analysis(analysis, "analysis")
+    if compare is not None:
+        validate_analysis(compare, "compare")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+
+    pair = [analysis] + ([compare] if compare is not None else [])
+    builders = {"fig1-spectra": lambda: plotting.fig_spectra(pair),
+                "fig2-ranks": lambda: plotting.fig_ranks(pair),
+                "fig3-heads": lambda: plotting.fig_heads(analysis),
+                "fig4-tradeoff": lambda: plotting.fig_tradeoff(pair)}
+    if compare is not None:
+        builders["fig3-heads-compare"] = lambda: plotting.fig_heads(compare)
+
+    written: list[Path] = []
+    for stem, build in builders.items():
+        fig = build()
+        for fmt in formats:
+            target = out_dir / f"{stem}.{fmt}"
+            meta = {"png": {"Software": f"tuckerctl {__version__}"}, "svg": {"Date": None},
+                    "pdf": {"Creator": f"tuckerctl {__version__}"}}[fmt]
+            atomic_write(target, lambda tmp, fig=fig, fmt=fmt, meta=meta: _save(fig, tmp, fmt, meta, plotting.DPI))
+            written.append(target)
+            fig.set_layout_engine("none")  # laid out once; further formats reuse the positions
+    stems = list(builders)
+    tradeoffs = [{key: pareto.tradeoff(a, key) for key in TENSORS} for a in pair]
+    names = plotting._names(pair)
+    md = out_dir / "summary.md"
+    _write_text(md, _markdown(pair, names, tradeoffs, stems, formats))
+    page = out_dir / "index.html"
+    _write_text(page, _html(pair, names, tradeoffs, stems, formats))
+    return written + [md, page]
+
+
+def _readable(tmp: Path) -> None:
+    # The temp file of atomic_write is created 0600; a report is meant to be shared.
+    os.chmod(tmp, 0o644)
+
+
+def _save(fig, tmp: Path, fmt: str, meta: dict, dpi: int) -> None:
+    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+    _readable(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: Path):
+        tmp.write_text(text, encoding="utf-8")
+        _readable(tmp)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- content
+
+_MODEL_FIELDS = ("family", "attention", "layers", "d", "heads", "kv_heads", "head_dim", "value_dim", "bias",
+                 "rope", "qk_norm", "scale")
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def _model_rows(a: dict) -> list[tuple[str, str]]:
+    m = a["model"]
+    rows = [(k, _fmt(m[k])) for k in _MODEL_FIELDS if k in m]
+    rows += [(k, _fmt(m[k])) for k in _MLA_FIELDS if m.get(k) is not None]
+    src = a.get("source", {})
+    rows.append(("source", f"{src.get('path', '?')} ({src.get('format', '?')})"))
+    s = a["settings"]
+    rows.append(("analysed layers", _layer_span([layer["index"] for layer in a["layers"]])))
+    rows.append(("energy levels τ", ", ".join(f"{e:g}" for e in s["energy"])))
+    rows.append(("numerical-rank tolerance", f"{s['tol']:g} · σ_1"))
+    rows.append(("tool version", str(a.get("tool_version", "?"))))
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _layer_span(idx: list[int]) -> str:
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{idx[0]}–{idx[-1]} ({len(idx)})" if len(idx) > 1 else str(idx[0])
+    return ", ".join(map(str, idx))
+
+
+def _rank_table(a: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-layer table: energy ranks (all levels) and numerical
+    rank / ceiling per mode, then parameters."""
+    energies = [f"{e:g}" for e in a["settings"]["energy"]]
+    header = ["layer"] + [f"{key} {m}" for key in TENSORS for m in MODE_NAMES[key]] + \
+             ["params original", "params Tucker@0.99", "KV cache Tucker@0.99"]
+    rows = []
+    for layer in a["layers"]:
+        cells = [str(layer["index"])]
+        for key in TENSORS:
+            for m in MODE_NAMES[key]:
+                M = layer[key]["modes"][m]
+                er = "/".join(str(M["energy_ranks"][e]) for e in energies)
+                cells.append(f"{er} · {M['numerical_rank']}/{M['ceiling']}")
+        p = layer["params"]
+        cells.append(f"{p['original']:,}")
+        cells.append(f"{p['tucker_0.99']:,}" if "tucker_0.99" in p else "–")
+        cells.append(str(p["kv_cache_tucker"]) if "kv_cache_tucker" in p else "–")
+        rows.append(cells)
+    return header, rows
+
+
+def _tradeoff_rows(a: dict, t: dict) -> tuple[list[str], list[list[str]]]:
+    """Headline numbers of figure 4 per tensor."""
+    header = ["tensor", "model's own params", "best Tucker error at ≤ own params",
+              "best MLA-shaped error at ≤ own params", "Tucker params for error ≤ 0.1",
+              "Tucker params for error ≤ 0.01"]
+    rows = []
+    for key in TENSORS:
+        x = t[key]
+        own = x.model.params
+        rows.append([key, f"{own:,.0f}", _err(pareto.best_error(x.tucker, own)), _err(pareto.best_error(x.mla, own)),
+                     _count(pareto.params_for(x.tucker, 0.1), own), _count(pareto.params_for(x.tucker, 0.01), own)])
+    return header, rows
+
+
+def _err(e: float) -> str:
+    return "–" if math.isnan(e) else ("0 (exact)" if e == 0 else f"{e:.3g}")
+
+
+def _count(p: float, own: float) -> str:
+    return "–" if math.isnan(p) else f"{p:,.0f} ({p / own:.2f}×)"
+
+
+def _figure_file(stem: str, formats: Sequence[str]) -> str:
+    for fmt in ("png", "svg", "pdf"):
+        if fmt in formats:
+            return f"{stem}.{fmt}"
+    return f"{stem}.png"
+
+
+def _figure_list(stems: list[str], names: list[str]) -> list[tuple[str, str, str]]:
+    """(stem, title, caption) per figure, in order."""
+    out = []
+    for stem in stems:
+        base = "fig3-heads" if stem.startswith("fig3-heads") else stem
+        title, caption = FIGURES[base]
+        if base == "fig3-heads" and len(names) > 1:
+            title += f" — {names[1] if stem.endswith('compare') else names[0]}"
+        elif len(names) > 1:
+            caption += f" Solid: {names[0]} (model A); dashed: {names[1]} (model B)."
+        out.append((stem, title, caption))
+    return out
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header, rows) -> list[str]:
+    out = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return out
+
+
+def _markdown(pair, names, tradeoffs, stems, formats) -> str:
+    title = names[0] if len(pair) == 1 else f"{names[0]} vs {names[1]}"
+    lines = [f"# tuckerctl report: {title}", "",
+             f"Written by tuckerctl {__version__} from analysis schema `{SCHEMA}`. "
+             "Rank cells read `r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling`.", ""]
+    for i, (a, name, t) in enumerate(zip(pair, names, tradeoffs)):
+        tag = "" if len(pair) == 1 else f" {'AB'[i]}"
+        lines += [f"## Model{tag}: {name}", ""]
+        lines += _md_table(["field", "value"], _model_rows(a)) + [""]
+        for note in a["model"].get("notes", []):
+            lines.append(f"> note: {note}")
+        lines += ["", "### Verdicts", ""] + [f"- {v}" for v in a["summary"]["verdicts"]] + [""]
+        lines += ["### Per-layer ranks", ""] + _md_table(*_rank_table(a)) + [""]
+        lines += ["### Error against parameters (HOSVD tail bound)", ""] + _md_table(*_tradeoff_rows(a, t)) + [""]
+    lines += ["## Figures", ""]
+    for n, (stem, head, caption) in enumerate(_figure_list(stems, names), 1):
+        lines += [f"### {n}. {head}", "", f"![{head}]({_figure_file(stem, formats)})", "", caption, ""]
+        others = [f"[{f}]({stem}.{f})" for f in formats if f"{stem}.{f}" != _figure_file(stem, formats)]
+        if others:
+            lines += ["Also as " + ", ".join(others) + ".", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1200px; margin: 2em auto; padding: 0 1.5em; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+p.meta { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.88em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+table.kv td { text-align: left; }
+.scroll { overflow-x: auto; }
+ul.verdicts li { margin: 0.15em 0; }
+.note { color: #8a5300; }
+figure { margin: 1.6em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.92em; max-width: 60em; }
+figcaption b { color: #222; }
+"""
+
+
+def _html_table(header, rows, cls: str = "") -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _html(pair, names, tradeoffs, stems, formats) -> str:
+    e = html.escape
+    title = names[0] if len(pair) == 1 else f"{names[0]} vs {names[1]}"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+             f"<title>tuckerctl report: {e(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>tuckerctl report: {e(title)}</h1>",
+             f"<p class=\"meta\">Written by tuckerctl {e(__version__)} from analysis schema <code>{SCHEMA}</code>. "
+             "Rank cells read <code>r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling</code>.</p>"]
+    for i, (a, name, t) in enumerate(zip(pair, names, tradeoffs)):
+        tag = "" if len(pair) == 1 else f" {'AB'[i]}"
+        parts.append(f"<h2>Model{tag}: {e(name)}</h2>")
+        parts.append(_html_table(["field", "value"], _model_rows(a), "kv"))
+        parts += [f"<p class=\"note\">note: {e(n)}</p>" for n in a["model"].get("notes", [])]
+        parts.append("<h3>Verdicts</h3><ul class=\"verdicts\">"
+                     + "".join(f"<li>{e(v)}</li>" for v in a["summary"]["verdicts"]) + "</ul>")
+        parts.append("<h3>Per-layer ranks</h3>" + _html_table(*_rank_table(a)))
+        parts.append("<h3>Error against parameters (HOSVD tail bound)</h3>" + _html_table(*_tradeoff_rows(a, t)))
+    parts.append("<h2>Figures</h2>")
+    for n, (stem, head, caption) in enumerate(_figure_list(stems, names), 1):
+        src = _figure_file(stem, formats)
+        if src.endswith(".pdf"):
+            img = f"<p><a href=\"{e(src)}\">{e(src)}</a> (PDF)</p>"
+        else:
+            img = f"<img src=\"{e(src)}\" alt=\"{e(head)}\">"
+        others = [f"<a href=\"{e(stem)}.{f}\">{f.upper()}</a>" for f in formats if f"{stem}.{f}" != src]
+        more = (" Also as " + ", ".join(others) + ".") if others else ""
+        parts.append(f"<figure id=\"{e(stem)}\">{img}<figcaption><b>Figure {n}. {e(head)}.</b> "
+                     f"{e(caption)}{more}</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
