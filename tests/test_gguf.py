@@ -298,7 +298,7 @@ def test_smollm2_gguf_matches_transformers_unpermute(smollm2):
 
 def test_truncated_gguf(tmp_path):
     data = write_gguf(tmp_path / "ok.gguf", "llama", _llama(tmp_path), permuted=True).read_bytes()
-    for cut in (len(data) // 2, 40, 3):
+    for cut in (len(data) - 4, len(data) // 2, 40, 3):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(InputError, match=str(bad)):

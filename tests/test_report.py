@@ -12,12 +12,13 @@ import copy
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers as tf
 
-from tests.oracle import save_tiny
+from oracle import save_tiny
 from tuckerctl import plotting
 from tuckerctl.analysis import analyze
 from tuckerctl.errors import InputError
@@ -262,3 +263,18 @@ def test_build_report_validates_its_input(analyses, tmp_path):
     with pytest.raises(InputError, match=r"compare: field 'layers\[0\].post.norm' is missing"):
         build_report(analyses["gqa"], tmp_path, compare=doc)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_example_model_report_renders(tmp_path):
+    """The shipped example renders a complete report through the CLI (as CI does)."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny-gqa"
+    res = subprocess.run([sys.executable, "-m", "tuckerctl", "report", str(example), "-o", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    html = (tmp_path / "r" / "index.html").read_text()
+    for fig in ("fig1-spectra.png", "fig2-ranks.png", "fig3-heads.png", "fig4-tradeoff.png"):
+        assert (tmp_path / "r" / fig).stat().st_size > 10_000 and fig in html
+    assert (tmp_path / "r" / "summary.md").exists()
