@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-
 from oracle import capture, rebuild_attention, rel_err, save_tiny
+
 from tuckerctl.adapters import detect
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError

@@ -18,11 +18,11 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from oracle import capture, rebuild_attention, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-from oracle import capture, rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import separate_layer
 from tuckerctl.adapters.fused import alibi_slopes, layer_scale, split_contiguous

@@ -15,9 +15,9 @@ import shutil
 import pytest
 import torch
 import transformers as tf
+from oracle import capture, rebuild_attention, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
 
-from oracle import capture, rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import find_layers
 from tuckerctl.checkpoint import open_checkpoint

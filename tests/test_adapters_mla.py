@@ -21,9 +21,9 @@ import shutil
 import pytest
 import torch
 import transformers as tf
+from oracle import capture, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
 
-from oracle import capture, rel_err, save_tiny
 from tuckerctl.adapters import detect, mla
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError

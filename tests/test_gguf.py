@@ -22,6 +22,7 @@ gguf = pytest.importorskip("gguf", reason="the optional 'gguf' package is not in
 transformers = pytest.importorskip("transformers")
 
 from oracle import capture, rebuild_attention, rel_err, save_tiny  # noqa: E402
+
 from tuckerctl.adapters import detect  # noqa: E402
 from tuckerctl.checkpoint import open_checkpoint  # noqa: E402
 from tuckerctl.errors import InputError  # noqa: E402

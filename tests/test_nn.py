@@ -13,19 +13,22 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-import warnings
 
 import pytest
 import torch
 import transformers as tf
+from oracle import rebuild_attention, rel_err, save_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oracle import rebuild_attention, rel_err, save_tiny
 from tuckerctl.adapters import detect
 from tuckerctl.checkpoint import open_checkpoint
-from tuckerctl.multilinear import Tucker, tucker
+from tuckerctl.multilinear import tucker
 from tuckerctl.nn import (
-    LATENT_ROPE_WARNING, NO_ROPE_WARNING, LatentKVCache, TuckerAttention, latent_rope,
+    LATENT_ROPE_WARNING,
+    NO_ROPE_WARNING,
+    LatentKVCache,
+    TuckerAttention,
+    latent_rope,
     tucker_parameter_count,
 )
 

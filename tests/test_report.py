@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers as tf
-
 from oracle import save_tiny
+
 from tuckerctl import plotting
 from tuckerctl.analysis import analyze
 from tuckerctl.errors import InputError

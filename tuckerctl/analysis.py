@@ -167,9 +167,10 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices},
         "layers": results,
     }
+    tucker_key = f"tucker_{PARAMS_ENERGY:g}"
     doc["summary"] = {"verdicts": verdicts(spec, results) if results else [],
                       "params_original": sum(r["params"]["original"] for r in results),
-                      f"params_tucker_{PARAMS_ENERGY:g}": sum(r["params"][f"tucker_{PARAMS_ENERGY:g}"] for r in results),
+                      f"params_{tucker_key}": sum(r["params"][tucker_key] for r in results),
                       "seconds": round(time.perf_counter() - start, 3)}
     return doc
 

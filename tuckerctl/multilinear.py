@@ -79,7 +79,7 @@ class HeadStack:
         right = min(n, self.right.shape[1] if self.right_basis is not None else self.groups * r)
         return (min(H, left * right), min(left, H * r), min(right, H * r))
 
-    def to(self, device=None, dtype=None) -> "HeadStack":
+    def to(self, device=None, dtype=None) -> HeadStack:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return HeadStack(move(self.left), move(self.right), move(self.left_basis), move(self.right_basis))
 

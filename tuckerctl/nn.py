@@ -177,7 +177,7 @@ class TuckerAttention(nn.Module):
 
     @classmethod
     def from_tucker(cls, pre, post, spec, out_bias: Tensor | None = None, latent_rope: bool = False,
-                    causal: bool | None = None, dtype: torch.dtype | None = None) -> "TuckerAttention":
+                    causal: bool | None = None, dtype: torch.dtype | None = None) -> TuckerAttention:
         """Build from two ``Tucker`` objects (or ``(core, factors)`` pairs) and the model's
         ``ModelSpec`` (or its ``as_dict()``).
 
@@ -232,7 +232,7 @@ class TuckerAttention(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, layer: int, device=None, latent_rope: bool = False,
-                        causal: bool | None = None, dtype: torch.dtype | None = None) -> "TuckerAttention":
+                        causal: bool | None = None, dtype: torch.dtype | None = None) -> TuckerAttention:
         """Load one layer of a Tucker-format checkpoint written by ``tuckerctl compress``."""
         from .tucker_format import read_layer  # lazy: optional module, avoids import cycles
 

@@ -153,7 +153,7 @@ class Curve:
     labels: tuple[str, ...] = ()
     lower: tuple[bool, ...] = ()  # per point: the error is a lower bound, not achievable
 
-    def front(self) -> "Curve":
+    def front(self) -> Curve:
         """The Pareto frontier of these points (error non-increasing in parameters)."""
         idx = pareto_front(self.params, self.errors)
         pick = lambda t: tuple(t[i] for i in idx) if t else ()  # noqa: E731

@@ -304,11 +304,11 @@ def _draw_ceilings(ax, analyses: list[dict], key: str, mode: str, size: int):
                 continue
             lines.append((v, lab, c, own, ls))
     lines.sort(key=lambda t: t[0])
-    for v, lab, c, own, ls in lines:
+    for v, _, c, own, ls in lines:
         ax.axhline(v, color=c, ls=(0, (5, 3)) if ls == "-" else (0, (2, 2)), lw=1.6 if own else 0.9,
                    alpha=0.9, zorder=1)
     ys = _spread([v / ymax for v, *_ in lines], gap=0.075)
-    for (v, lab, c, own, ls), y in zip(lines, ys):
+    for (v, lab, c, own, _), y in zip(lines, ys):
         ax.text(1.035, y, f"{lab}: {v}", transform=ax.transAxes, color=c, fontsize=7.5, va="center", ha="left",
                 fontweight="bold" if own else "normal", clip_on=False)
         # A short leader from the line's end to its label (labels are moved apart when lines are close).

@@ -129,8 +129,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
         t = tk.layer(layer.index, dev, torch.float64)
         rec = tk._layers[layer.index]
         pre, post = (getattr(layer, key).to(device=dev, dtype=torch.float64) for key in ("pre", "post"))
-        for key, stack, core, fs in (("pre", pre, t.pre_core, t.pre_factors),
-                                     ("post", post, t.post_core, t.post_factors)):
+        for key, stack, fs in (("pre", pre, t.pre_factors), ("post", post, t.post_factors)):
             want = (stack.heads, stack.shape[1], stack.shape[2])
             got = (fs[0].shape[0], fs[1].shape[0], fs[2].shape[0])
             if want != got:

@@ -13,7 +13,13 @@ from __future__ import annotations
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from .base import (
-    Adapter, LayerWeights, ModelSpec, attention_kind, cfg_get, check_shape, default_scale,
+    Adapter,
+    LayerWeights,
+    ModelSpec,
+    attention_kind,
+    cfg_get,
+    check_shape,
+    default_scale,
     separate_layer,
 )
 from .fused import D_KEYS, HEAD_KEYS, first_key, layer_stack, mha_head_dim, signature_of

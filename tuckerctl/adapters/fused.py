@@ -24,8 +24,16 @@ from torch import Tensor
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from .base import (
-    Adapter, LayerWeights, ModelSpec, attention_kind, cfg_get, check_heads, check_shape,
-    default_scale, find_layers, separate_layer,
+    Adapter,
+    LayerWeights,
+    ModelSpec,
+    attention_kind,
+    cfg_get,
+    check_heads,
+    check_shape,
+    default_scale,
+    find_layers,
+    separate_layer,
 )
 
 # Config aliases (legacy names next to the v5 ones).

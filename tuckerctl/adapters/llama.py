@@ -13,8 +13,16 @@ from __future__ import annotations
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from .base import (
-    Adapter, LayerWeights, ModelSpec, attention_kind, cfg_get, check_heads, check_shape,
-    default_scale, find_layers, separate_layer,
+    Adapter,
+    LayerWeights,
+    ModelSpec,
+    attention_kind,
+    cfg_get,
+    check_heads,
+    check_shape,
+    default_scale,
+    find_layers,
+    separate_layer,
 )
 
 _STACK = r"(?P<layer>\d+)\.self_attn\."

@@ -61,7 +61,15 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..multilinear import HeadStack
 from .base import (
-    Adapter, LayerWeights, ModelSpec, cfg_get, check_heads, check_shape, find_layers, homogeneous, per_head,
+    Adapter,
+    LayerWeights,
+    ModelSpec,
+    cfg_get,
+    check_heads,
+    check_shape,
+    find_layers,
+    homogeneous,
+    per_head,
 )
 
 _STACK = r"layers\.(?P<layer>\d+)\.self_attn\."
