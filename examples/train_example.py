@@ -5,7 +5,7 @@ sharing 2 key/value heads) is trained as a byte-level language model on the
 Python standard library's own ``*.py`` files, so nothing has to be downloaded:
 the vocabulary is the 256 byte values, no tokenizer needed.
 
-Run from the repository root (about 3.5 minutes on 2 CPU cores):
+Run from the repository root (500 steps, about 0.16 s each on 2 idle CPU cores):
 
     python examples/train_example.py            # writes examples/tiny-gqa/
 
@@ -61,7 +61,7 @@ def evaluate(model, data: torch.Tensor, batches: int = 8, size: int = 32) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)

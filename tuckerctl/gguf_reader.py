@@ -227,6 +227,8 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     reader = _read(path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
+    if arch is None:
+        raise InputError(f"{path}: missing GGUF metadata key 'general.architecture'")
     if arch not in ARCHITECTURES:
         raise InputError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHITECTURES)})")
