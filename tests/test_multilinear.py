@@ -142,3 +142,16 @@ def test_float32_stack_gives_same_spectra_to_float32_precision():
     s32 = mode_spectra(stack.to(dtype=torch.float32))
     for a, b in zip(s64, s32):
         assert float((a - b.double()).abs().max()) <= 1e-4 * float(a[0])
+
+
+@pytest.mark.parametrize("H,G,x,y,r", [(8, 2, 30, 12, 5), (6, 6, 7, 9, 11), (4, 1, 50, 3, 2)])
+def test_both_head_gram_evaluations_match_dense(H, G, x, y, r):
+    from tuckerctl.multilinear import _head_gram_from_products, _head_gram_from_slices, head_gram
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(H, x, r, generator=g, **f64), torch.randn(G, y, r, generator=g, **f64)
+    stack = HeadStack(a, b)
+    M = stack.dense().reshape(H, -1)
+    dense = M @ M.T
+    for fn in (head_gram, _head_gram_from_products, _head_gram_from_slices):
+        assert torch.allclose(fn(a, b, stack.group_of), dense, rtol=1e-12, atol=1e-10)

@@ -169,12 +169,25 @@ def _right_unfolding_core(red: Reduced) -> Tensor:
 
 
 def head_gram(a: Tensor, b: Tensor, group: Tensor) -> Tensor:
-    """Gram of the head-mode unfolding: G[h, h'] = <a_h b_g^T, a_h' b_g'^T>_F
-    = sum((a_h^T a_h') * (b_g^T b_g')); a: (H, x, r), b: (G, y, r). Never forms a_h b_g^T."""
+    """Gram of the head-mode unfolding: G[h, h'] = <a_h b_g^T, a_h' b_g'^T>_F for
+    a: (H, x, r), b: (G, y, r).
+
+    Two evaluations, whichever needs fewer flops: from the r x r products,
+    sum((a_h^T a_h') * (b_g^T b_g')), about H^2 r^2 (x + y); or from the x x y slices
+    a_h b_g^T formed a block of rows at a time, about H x y (H + r)."""
     H, x, r = a.shape
+    y = b.shape[1]
+    if H * x * y * (H + r) < H * H * r * r * (x + y):
+        return _head_gram_from_slices(a, b, group)
+    return _head_gram_from_products(a, b, group)
+
+
+def _head_gram_from_products(a: Tensor, b: Tensor, group: Tensor) -> Tensor:
+    """G[h, h'] = sum((a_h^T a_h') * (b_g^T b_g')), in blocks of heads."""
+    H, x, r = a.shape
+    y = b.shape[1]
     acat = a.permute(1, 0, 2).reshape(x, H * r)
-    bh = b[group]
-    bcat = bh.permute(1, 0, 2).reshape(b.shape[1], H * r)
+    bcat = b[group].permute(1, 0, 2).reshape(y, H * r)
     out = torch.empty(H, H, dtype=a.dtype, device=a.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, H * r * r))
     for s in range(0, H, step):
@@ -182,6 +195,19 @@ def head_gram(a: Tensor, b: Tensor, group: Tensor) -> Tensor:
         aa = (acat[:, s * r:e * r].T @ acat).reshape(e - s, r, H, r)
         bb = (bcat[:, s * r:e * r].T @ bcat).reshape(e - s, r, H, r)
         out[s:e] = (aa * bb).sum(dim=(1, 3))
+    return out
+
+
+def _head_gram_from_slices(a: Tensor, b: Tensor, group: Tensor) -> Tensor:
+    """G = M M^T for the head unfolding M, accumulated over blocks of rows of the
+    slices a_h b_g^T (only H x rows x y numbers in memory at a time)."""
+    H, x, r = a.shape
+    bh = b[group].transpose(1, 2)  # (H, r, y)
+    out = torch.zeros(H, H, dtype=a.dtype, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, H * b.shape[1]))
+    for s in range(0, x, step):
+        block = (a[:, s:s + step] @ bh).reshape(H, -1)  # rows s.. of every slice
+        out += block @ block.T
     return out
 
 
