@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import InputError
 
@@ -29,7 +28,8 @@ DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -132,7 +132,6 @@ class Checkpoint:
     config_path: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "safetensors"
-    _handles: dict = field(default_factory=dict, repr=False)
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -155,10 +154,17 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Read one tensor, dequantising block-FP8 (``*_scale_inv``), as ``dtype``."""
         info = self._info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        t = handle.get_tensor(name)
+        if info.dtype not in TORCH_DTYPES:
+            raise InputError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, not a float")
+        # A plain positioned read, not safetensors' mmap: mapped pages of every layer
+        # read would stay in the resident set and make memory grow with model size.
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(buf) != info.nbytes:
+                raise InputError(f"{info.file}: truncated while reading tensor {name!r}")
+        t = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape) if buf else \
+            torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         if info.dtype.startswith("F8"):
             t = self._dequantise_fp8(name, t)
         return t.to(dtype)

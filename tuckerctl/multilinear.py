@@ -228,25 +228,59 @@ def _weighted_side_gram(X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
     return K
 
 
-# Above this short side, singular values come from the float64 Gram (eigvalsh is
-# 4-10x faster than an SVD at d = 4096 and agrees to ~1e-12 sigma_1 there; values
-# below ~sqrt(n eps) sigma_1 ~ 1e-6 sigma_1 are then at rounding level).
+# Above this short side, a mode's singular values come from its float64 Gram, summed
+# from the factors a block of heads at a time: eigvalsh is 4-10x faster than an SVD at
+# d = 4096 and agrees to ~1e-12 sigma_1 there; only values below ~sqrt(n eps) sigma_1
+# (~1e-6 sigma_1) are then at rounding level. Below it, an exact SVD of a small matrix.
 _GRAM_ABOVE = 512
 
 
 def _singular(X: Tensor, k: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Singular values of X (descending) and, if ``k``, its k leading left singular vectors."""
-    p, w = X.shape
-    if min(p, w) <= _GRAM_ABOVE:
-        if k is None:
-            return torch.linalg.svdvals(X), None
-        U, S, _ = torch.linalg.svd(X, full_matrices=False)
-        return S, U[:, :k]
     if k is None:
-        gram = X @ X.T if p <= w else X.T @ X
+        return torch.linalg.svdvals(X), None
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return S, U[:, :k]
+
+
+def _gram_singular(gram: Tensor, k: int | None = None) -> tuple[Tensor, Tensor | None]:
+    if k is None:
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), None
-    vals, vecs = _top_eigvecs(X @ X.T, k)
+    vals, vecs = _top_eigvecs(gram, k)
     return vals.sqrt(), vecs
+
+
+def _sandwich_sum(c: Tensor, w: Tensor) -> Tensor:
+    """sum_j c_j w_j c_j^T for c: (J, x, r), w: (J, r, r), a block of j at a time."""
+    J, x, r = c.shape
+    out = torch.zeros(x, x, dtype=c.dtype, device=c.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, x * r))
+    for s in range(0, J, step):
+        block = c[s:s + step]
+        cw = (block @ w[s:s + step]).permute(1, 0, 2).reshape(x, -1)
+        out += cw @ block.permute(1, 0, 2).reshape(x, -1).T
+    return out
+
+
+def _left_side(red: Reduced, k: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Singular values (and k leading vectors) of the mode-2 unfolding of W'."""
+    H, p, r = red.lc.shape
+    if min(p, H * min(red.rc.shape[1], r)) <= _GRAM_ABOVE:
+        return _singular(_left_unfolding_core(red), k)
+    # [W'_1 ... W'_H][...]^T = sum_h lc_h (rc_g^T rc_g) lc_h^T
+    return _gram_singular(_sandwich_sum(red.lc, (red.rc.transpose(1, 2) @ red.rc)[red.group]), k)
+
+
+def _right_side(red: Reduced, k: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Singular values (and k leading vectors) of the mode-3 unfolding of W'."""
+    H, p, r = red.lc.shape
+    G, q, _ = red.rc.shape
+    if min(q, H * min(p, r)) <= _GRAM_ABOVE:
+        return _singular(_right_unfolding_core(red), k)
+    # sum_h rc_g (lc_h^T lc_h) rc_g^T, with the heads of a group summed first
+    w = torch.zeros(G, r, r, dtype=red.lc.dtype, device=red.lc.device)
+    w.index_add_(0, red.group, red.lc.transpose(1, 2) @ red.lc)
+    return _gram_singular(_sandwich_sum(red.rc, w), k)
 
 
 def _top_eigvecs(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -272,14 +306,15 @@ class ModeSpectra:
 def mode_spectra(stack: HeadStack | Reduced) -> ModeSpectra:
     """Singular values of the head, left and right unfoldings of ``W``.
 
-    Left/right: a matrix sharing the unfolding's singular values (thin QR of the other
-    side), p x (H k) instead of d x H d; its SVD when small, else its float64 Gram.
+    Left/right: the SVD of a small matrix sharing the unfolding's singular values (thin
+    QR of the other side: p x (H k) instead of d x H d), or for big modes the float64
+    Gram summed from the factors.
     Head: eigenvalues of the H x H Gram."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
     g1 = head_gram(red.lc, red.rc, red.group)
     head = torch.linalg.eigvalsh(g1).flip(0).clamp_min(0).sqrt()
-    left = _singular(_left_unfolding_core(red))[0]
-    right = _singular(_right_unfolding_core(red))[0]
+    left = _left_side(red)[0]
+    right = _right_side(red)[0]
     return ModeSpectra(head, left, right, g1)
 
 
@@ -346,8 +381,8 @@ def tucker(stack: HeadStack, ranks, hooi_iters: int = 0) -> Tucker:
     r1, r2, r3 = clamp_ranks(red, ranks)
     norm_sq = frobenius_norm_sq(red)
     _, U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), r1)
-    V2 = _singular(_left_unfolding_core(red), r2)[1]
-    V3 = _singular(_right_unfolding_core(red), r3)[1]
+    V2 = _left_side(red, r2)[1]
+    V3 = _right_side(red, r3)[1]
     core = _core_reduced(red, U1, V2, V3)
     errors = [_rel_error(norm_sq, core)]
     rc_h = red.rc_heads
