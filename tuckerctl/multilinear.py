@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 # Elements of scratch space per chunk in the chunked Gram products.
-_CHUNK_ELEMENTS = 1 << 25
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
