@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -43,14 +44,26 @@ def parse_layers(text: str | None, count: int) -> list[int]:
     return sorted(set(out))
 
 
-def iter_layers(adapter, ckpt: Checkpoint, spec: ModelSpec, indices: Iterable[int]) -> Iterator[LayerWeights]:
-    """Yield layers in order, reading layer i+1 in the background while i is used."""
+def iter_layers(adapter, ckpt: Checkpoint, spec: ModelSpec, indices: Iterable[int],
+                device: torch.device | None = None) -> Iterator[LayerWeights]:
+    """Yield layers in order, reading layer i+1 in the background while i is used.
+
+    With a CUDA ``device`` the background thread also uploads the layer (as read,
+    float32), so the main thread only computes."""
     indices = list(indices)
+
+    def read(i: int) -> LayerWeights:
+        layer = adapter.layer(ckpt, spec, i)
+        if device is None or device.type == "cpu":
+            return layer
+        return replace(layer, pre=layer.pre.to(device=device), post=layer.post.to(device=device),
+                       out_bias=None if layer.out_bias is None else layer.out_bias.to(device))
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(adapter.layer, ckpt, spec, indices[0]) if indices else None
+        pending = pool.submit(read, indices[0]) if indices else None
         for k in range(len(indices)):
             current = pending.result()
-            pending = pool.submit(adapter.layer, ckpt, spec, indices[k + 1]) if k + 1 < len(indices) else None
+            pending = pool.submit(read, indices[k + 1]) if k + 1 < len(indices) else None
             yield current
 
 
@@ -153,7 +166,7 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     indices = parse_layers(layers, spec.layers)
     results = []
     used_tol = tol
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices)):
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         if used_tol is None:
             used_tol = default_tol(ckpt, layer)
         results.append(analyze_layer(layer, energy, used_tol, dev))

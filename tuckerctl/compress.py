@@ -55,7 +55,7 @@ def _validate(ranks, ranks_post, energy, params):
 def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress):
     """Pass 1 for --params: spectra of every tensor, then a global allocation."""
     tensors, original = [], 0
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices)):
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         original += layer.params
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
@@ -100,7 +100,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     factors: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     records, notes = [], []
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices)):
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors}
         replaced.update(layer.tensors)
         for key in ("pre", "post"):
@@ -121,7 +121,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
             rec[key] = {"shape": list(stack.shape), "ranks": list(t.ranks), "rel_error": t.rel_error,
                         "rel_error_hosvd": t.errors[0], "params": tucker_params(stack.shape, t.ranks)}
         if layer.out_bias is not None:
-            factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).contiguous()
+            factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
         records.append(rec)
         if progress:
             progress(k + 1 + (steps - len(indices)), steps)

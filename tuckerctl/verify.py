@@ -125,7 +125,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, spec.d, generator=gen, dtype=torch.float64).to(dev)
     rows = []
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, tk.layers)):
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, tk.layers, dev)):
         t = tk.layer(layer.index, dev, torch.float64)
         rec = tk._layers[layer.index]
         pre, post = (getattr(layer, key).to(device=dev, dtype=torch.float64) for key in ("pre", "post"))
