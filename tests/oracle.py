@@ -8,7 +8,10 @@ stacks alone, densely in float64.
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from tuckerctl.errors import InputError
 
 torch.manual_seed(0)
 
@@ -72,3 +75,14 @@ def rebuild_attention(layer, spec, x, causal: bool, q_scale=None, k_scale=None, 
 
 def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def one_line_error(fn, *needles):
+    """``fn()`` raises an InputError whose message is one line containing every needle."""
+    with pytest.raises(InputError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg

@@ -15,13 +15,12 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import capture, one_line_error, rebuild_attention, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
 
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import find_layers
 from tuckerctl.checkpoint import open_checkpoint
-from tuckerctl.errors import InputError
 from tuckerctl.multilinear import HeadStack
 
 N_TOKENS = 7
@@ -227,16 +226,6 @@ def test_negative_gemma3_norm_without_one_plus_w(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- error paths
-
-def one_line_error(fn, *needles):
-    with pytest.raises(InputError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
-
 
 def copy_model(src, dst, config=None):
     """Copy a saved model's safetensors (and config.json unless ``config`` is False,

@@ -21,12 +21,11 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from oracle import capture, rel_err, save_tiny
+from oracle import capture, one_line_error, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
 
 from tuckerctl.adapters import detect, mla
 from tuckerctl.checkpoint import open_checkpoint
-from tuckerctl.errors import InputError
 from tuckerctl.multilinear import HeadStack, mode_spectra
 
 N_TOKENS = 7
@@ -279,16 +278,6 @@ def test_legacy_rope_scaling_config(tmp_path_factory, tmp_path):
 
 
 # ---------------------------------------------------------------- families, configs, errors
-
-def one_line_error(fn, *needles):
-    with pytest.raises(InputError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, msg
-    return msg
-
 
 def copy_model(src, dst, config=None, rename=None, drop=()):
     """Copy a saved model into ``dst`` with an optional replacement config (False: none),

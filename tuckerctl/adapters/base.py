@@ -124,6 +124,32 @@ def find_layers(ckpt: Checkpoint, suffix: str) -> tuple[str, dict[int, str]]:
     return next(iter(found.items()))
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_stack(ckpt: Checkpoint, cfg: dict, family: str, stack: str, leaf: str) -> tuple[str, int]:
+    """Find ``<prefix><stack><i>.<leaf>`` for every layer; return (prefix, layer count).
+
+    ``stack``/``leaf`` are literal name parts (e.g. ``"h."``, ``"attn.c_attn.weight"``).
+    Layers at or beyond ``num_hidden_layers`` (MTP blocks) are ignored; a missing
+    layer below it is an error naming the missing tensor."""
+    pattern = re.escape(stack) + r"(?P<layer>\d+)\." + re.escape(leaf)
+    prefix, found = find_layers(ckpt, pattern)
+    if not found:
+        raise InputError(f"{ckpt.path}: no '...{stack}N.{leaf}' tensors for family {family!r}")
+    layers = cfg_get(cfg, *LAYER_KEYS)
+    if layers is not None and (not isinstance(layers, int) or layers < 1):
+        raise InputError(f"{ckpt.path}: num_hidden_layers must be a positive integer, got {layers!r}")
+    present = sorted(i for i in found if layers is None or i < layers)
+    if layers is None:
+        layers = len(present)
+    if present != list(range(layers)):
+        missing = min(set(range(layers)) - set(present))
+        raise InputError(f"{ckpt.path}: missing tensor '{prefix}{stack}{missing}.{leaf}' "
+                         f"(expected {layers} layers)")
+    return prefix, layers
+
+
 def check_shape(ckpt: Checkpoint, name: str, expected: tuple[int, ...], what: str) -> None:
     shape = tuple(ckpt.shape(name))
     if shape != tuple(expected):

@@ -20,9 +20,10 @@ from .base import (
     cfg_get,
     check_shape,
     default_scale,
+    layer_stack,
     separate_layer,
 )
-from .fused import D_KEYS, HEAD_KEYS, first_key, layer_stack, mha_head_dim, signature_of
+from .fused import D_KEYS, HEAD_KEYS, first_key, mha_head_dim, signature_of
 
 
 class SeparateMHA(Adapter):

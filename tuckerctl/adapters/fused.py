@@ -32,7 +32,7 @@ from .base import (
     check_heads,
     check_shape,
     default_scale,
-    find_layers,
+    layer_stack,
     separate_layer,
 )
 
@@ -40,31 +40,9 @@ from .base import (
 D_KEYS = ("hidden_size", "n_embd", "n_embed")
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 # ---------------------------------------------------------------- shared helpers
-
-def layer_stack(ckpt: Checkpoint, cfg: dict, family: str, stack: str, leaf: str) -> tuple[str, int]:
-    """Find ``<prefix><stack><i>.<leaf>`` for every layer; return (prefix, layer count).
-
-    ``stack``/``leaf`` are literal name parts (e.g. ``"h."``, ``"attn.c_attn.weight"``).
-    Layers at or beyond ``num_hidden_layers`` (MTP blocks) are ignored; a missing
-    layer below it is an error naming the missing tensor."""
-    pattern = re.escape(stack) + r"(?P<layer>\d+)\." + re.escape(leaf)
-    prefix, found = find_layers(ckpt, pattern)
-    if not found:
-        raise InputError(f"{ckpt.path}: no '...{stack}N.{leaf}' tensors for family {family!r}")
-    layers = cfg_get(cfg, *LAYER_KEYS)
-    present = sorted(i for i in found if layers is None or i < layers)
-    if layers is None:
-        layers = len(present)
-    if present != list(range(layers)):
-        missing = min(set(range(layers)) - set(present))
-        raise InputError(f"{ckpt.path}: missing tensor '{prefix}{stack}{missing}.{leaf}' "
-                         f"(expected {layers} layers)")
-    return prefix, layers
-
 
 def signature_of(stack: str, leaf: str) -> str:
     """Config-less detection regex; its first group is the layer index."""

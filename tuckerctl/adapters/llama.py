@@ -22,6 +22,7 @@ from .base import (
     check_shape,
     default_scale,
     find_layers,
+    layer_stack,
     separate_layer,
 )
 
@@ -103,17 +104,7 @@ class LlamaLike(Adapter):
                 notes.append(f"kv heads = {G} from k_proj rows / head dim")
         check_heads(src, d, H, G, head_dim)
 
-        layers = cfg_get(cfg, "num_hidden_layers")
-        said = f"config says {layers} layers"
-        if layers is None:
-            layers, said = len(qs), "layers are numbered from 0"
-        if not isinstance(layers, int) or layers < 1:
-            raise InputError(f"{src}: num_hidden_layers must be a positive integer, got {layers!r}")
-        # Layers past num_hidden_layers (e.g. multi-token-prediction heads) are not read.
-        missing = sorted(set(range(layers)) - set(qs))
-        if missing:
-            raise InputError(f"{ckpt.path}: missing tensor "
-                             f"'{prefix}layers.{missing[0]}.self_attn.q_proj.weight' ({said})")
+        prefix, layers = layer_stack(ckpt, cfg, family, "layers.", "self_attn.q_proj.weight")
 
         bias = any(base + p + ".bias" in ckpt for p in _PROJ[:3])
         qk_norm = base + "q_norm.weight" in ckpt or base + "k_norm.weight" in ckpt

@@ -69,6 +69,7 @@ from .base import (
     check_shape,
     find_layers,
     homogeneous,
+    layer_stack,
     per_head,
 )
 
@@ -244,14 +245,8 @@ class MLA(Adapter):
         if overrides.get("head_dim") is not None:
             notes.append("--head-dim is ignored for MLA (per-head width is qk_nope + qk_rope)")
 
-        layers = cfg_get(cfg, "num_hidden_layers", default=None)
-        present = sorted(i for i in kvs if layers is None or i < layers)  # drops DeepSeek's MTP layer
-        if layers is None:
-            layers = len(present)
-        if present != list(range(layers)):
-            missing = sorted(set(range(layers)) - set(present))
-            raise InputError(f"{ckpt.path}: missing tensor '{prefix}layers.{missing[0]}.self_attn.{_KV_A}' "
-                             f"(config says {layers} layers)")
+        # Drops DeepSeek's multi-token-prediction layer (index num_hidden_layers).
+        prefix, layers = layer_stack(ckpt, cfg, family, "layers.", f"self_attn.{_KV_A}")
 
         scale, rope_factor, scale_notes = _scales(cfg, d_n + d_r, src)
         notes += scale_notes
