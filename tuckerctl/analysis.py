@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import InputError
 from .multilinear import mode_spectra, reduce
-from .ranks import DEFAULT_ENERGY, DTYPE_TOL, family_ceilings, mode_summary, tucker_params
+from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
 
 SCHEMA = "tuckerctl.analysis/1"
 MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
@@ -80,15 +80,13 @@ def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, dev
     diag = gram.diagonal().clamp_min(1e-300).sqrt()
     cos = (gram / diag[:, None] / diag[None, :]).cpu()
     shape = st.shape
-    modes = {name: mode_summary(s.cpu().tolist(), size, ceil, energies, tol)
+    modes = {name: mode_summary(s, size, ceil, energies, tol)
              for name, s, size, ceil in zip(names, spectra, shape, st.ceilings)}
     return {"shape": list(shape), "norm": float(gram.trace().clamp_min(0).sqrt()),
             "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
 
 
 def _ranks_at(tensor: dict, tau: float) -> list[int]:
-    from .ranks import energy_rank
-
     return [max(1, energy_rank(m["singular_values"], tau)) for m in tensor["modes"].values()]
 
 
