@@ -281,6 +281,13 @@ class GPT2(FusedQKV):
         return False, scale, extras
 
 
+def _fused_dims(cfg: dict, src: str, qkv_shape, notes: list) -> tuple[int, int, int]:
+    """(d, H, d_h) of a ``query_key_value`` [(H + 2G) d_h, d] family (NeoX, Falcon, Bloom)."""
+    d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
+    H = _heads(cfg, src)
+    return d, H, mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
+
+
 class GPTNeoX(FusedQKV):
     """GPT-NeoX / Pythia: ``attention.query_key_value`` [3d, d] per-head interleaved
     view(H, 3, d_h, d), bias; RoPE on the first ``rotary_pct`` of each head."""
@@ -290,9 +297,7 @@ class GPTNeoX(FusedQKV):
     bias_key = "attention_bias"
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
-        d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
-        H = _heads(cfg, src)
-        dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
+        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
         return d, H, H, dh
 
     def _extras(self, cfg, head_dim, notes):
@@ -310,9 +315,7 @@ class Falcon(FusedQKV):
     bias_key = "bias"
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
-        d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
-        H = _heads(cfg, src)
-        dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
+        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
         family = cfg.get("model_type")
         kv = cfg_get(cfg, *KV_KEYS)
         new_arch = cfg.get("new_decoder_architecture", family == "RefinedWeb")
@@ -352,9 +355,7 @@ class Bloom(FusedQKV):
     signature = ""
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
-        d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
-        H = _heads(cfg, src)
-        dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
+        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
         return d, H, H, dh
 
     def _extras(self, cfg, head_dim, notes):
