@@ -29,7 +29,7 @@ from .nn import TuckerAttention
 from .tucker_format import TuckerCheckpoint, content_hash, load
 
 SCHEMA = "tuckerctl.verify/1"
-_BATCH_ELEMENTS = 1 << 26
+_BATCH_ELEMENTS = 1 << 24  # 128 MB of float64 per batch of dense head slices
 
 
 def weight_error(stack: HeadStack, core: torch.Tensor, factors: list[torch.Tensor]) -> float:
