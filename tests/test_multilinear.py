@@ -171,3 +171,18 @@ def test_gram_path_for_big_modes_matches_dense(case, monkeypatch):
     t = tucker(stack, (3, 10, 6))
     ref = tl_tucker(W, rank=list(t.ranks), n_iter_max=0, init="svd")
     assert abs(t.rel_error - float((W - tl.tucker_to_tensor(ref)).norm() / W.norm())) <= 1e-6
+
+
+def test_mode_summary_follows_the_definitions():
+    import math
+
+    from tuckerctl.ranks import energy_rank, mode_summary
+
+    sigma = [5.0, 3.0, 1.0, 0.5, 1e-9, 0.0]
+    m = mode_summary(sigma, 8, 6, (0.5, 0.9, 0.99, 1.0), 1e-6)
+    assert m["numerical_rank"] == numerical_rank(sigma, 1e-6) == 4
+    assert m["energy_ranks"] == {f"{t:g}": energy_rank(sigma, t) for t in (0.5, 0.9, 0.99, 1.0)}
+    assert m["energy_ranks"] == {"0.5": 1, "0.9": 2, "0.99": 3, "1": 4}
+    p = [s / sum(sigma) for s in sigma if s > 0]
+    assert math.isclose(m["entropy_rank"], math.exp(-sum(x * math.log(x) for x in p)), rel_tol=1e-12)
+    assert math.isclose(m["stable_rank"], sum(s * s for s in sigma) / 25.0, rel_tol=1e-12)

@@ -112,8 +112,6 @@ class Reduced:
     QL: Tensor | None
     QR: Tensor | None
     group: Tensor
-    shape: tuple[int, int, int]
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def rc_heads(self) -> Tensor:
@@ -145,7 +143,7 @@ def reduce(stack: HeadStack) -> Reduced:
     key and value modes to G*d_h or the latent width before any SVD."""
     lc, QL = _orthonormal_side(stack.left, stack.left_basis)
     rc, QR = _orthonormal_side(stack.right, stack.right_basis)
-    return Reduced(lc, rc, QL, QR, stack.group_of, stack.shape)
+    return Reduced(lc, rc, QL, QR, stack.group_of)
 
 
 def _r_factors(x: Tensor) -> Tensor:

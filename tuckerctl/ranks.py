@@ -5,7 +5,6 @@ Pure functions of singular values and shapes; no torch device work, no I/O.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -38,28 +37,12 @@ def numerical_rank(sigma: Sequence[float], tol: float) -> int:
     return sum(1 for s in sigma if s > tol * sigma[0])
 
 
-def entropy_rank(sigma: Sequence[float]) -> float:
-    """exp(-sum p_i log p_i) with p_i = sigma_i / sum sigma."""
-    total = float(sum(sigma))
-    if total <= 0:
-        return 0.0
-    ps = [float(s) / total for s in sigma if s > 0]
-    return math.exp(-sum(p * math.log(p) for p in ps))
-
-
-def stable_rank(sigma: Sequence[float]) -> float:
-    """sum sigma_i^2 / sigma_1^2."""
-    if not len(sigma) or sigma[0] <= 0:
-        return 0.0
-    return sum(float(s) ** 2 for s in sigma) / float(sigma[0]) ** 2
-
-
 def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
                  energies: Sequence[float], tol: float) -> dict:
-    """The per-mode record of the analysis JSON (``M`` in the README).
-
-    Same definitions as the functions above, vectorised: thousands of values per
-    mode, six modes per layer, every layer."""
+    """The per-mode record of the analysis JSON (``M`` in the README): energy and
+    numerical ranks as defined above, entropy rank exp(-sum p_i log p_i) with
+    p_i = sigma_i / sum sigma, and stable rank sum sigma_i^2 / sigma_1^2. Vectorised:
+    thousands of values per mode, six modes per layer, every layer."""
     s = torch.as_tensor(sigma, dtype=torch.float64).cpu()
     out = {"size": size, "ceiling": ceiling, "numerical_rank": 0,
            "energy_ranks": {f"{t:g}": 0 for t in energies}, "entropy_rank": 0.0, "stable_rank": 0.0,
