@@ -29,6 +29,19 @@ def save_tiny(model_cls, config, path):
     return model
 
 
+_BUILT: dict = {}
+
+
+def build_case(cases: dict, name: str, tmp_path_factory):
+    """Save ``cases[name] = (model_cls, config, ...)`` once per session; return (model, dir)."""
+    key = (id(cases), name)
+    if key not in _BUILT:
+        model_cls, cfg = cases[name][:2]
+        path = tmp_path_factory.mktemp(name)
+        _BUILT[key] = (save_tiny(model_cls, cfg, path), path)
+    return _BUILT[key]
+
+
 def capture(model, module, inputs: dict):
     """Run ``model(**inputs)`` and return (input hidden states, output) of ``module``."""
     seen = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import build_case, capture, rebuild_attention, rel_err
 
 from tuckerctl.adapters import detect
 from tuckerctl.checkpoint import open_checkpoint
@@ -59,16 +59,9 @@ CASES = {
             "model.decoder.layers.{i}.self_attn", "model.decoder.layers.{i}.self_attn"),
 }
 
-_BUILT: dict = {}
-
-
 def build(name, tmp_path_factory):
     """Save case ``name``'s tiny model once per session; return (model, dir)."""
-    if name not in _BUILT:
-        model_cls, cfg = CASES[name][:2]
-        path = tmp_path_factory.mktemp(name)
-        _BUILT[name] = (save_tiny(model_cls, cfg, path), path)
-    return _BUILT[name]
+    return build_case(CASES, name, tmp_path_factory)
 
 
 def inputs_for(model):

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from oracle import capture, rebuild_attention, rel_err, save_tiny
+from oracle import build_case, capture, rebuild_attention, rel_err
 from safetensors.torch import load_file, save_file
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
@@ -94,16 +94,9 @@ CASES = {
               "transformer.h.{i}.self_attention", "dense"),  # BloomAttention adds the residual
 }
 
-_BUILT: dict = {}
-
-
 def build(name, tmp_path_factory):
     """Save case ``name``'s tiny model once per session; return (model, dir)."""
-    if name not in _BUILT:
-        model_cls, cfg = CASES[name][:2]
-        path = tmp_path_factory.mktemp(name)
-        _BUILT[name] = (save_tiny(model_cls, cfg, path), path)
-    return _BUILT[name]
+    return build_case(CASES, name, tmp_path_factory)
 
 
 def layer_io(name, model, i):
