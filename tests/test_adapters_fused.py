@@ -25,7 +25,7 @@ from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import separate_layer
-from tuckerctl.adapters.fused import alibi_slopes, layer_scale, split_contiguous
+from tuckerctl.adapters.fused import split_contiguous
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
 
@@ -133,7 +133,7 @@ def read(path, **kw):
 
 def rebuild_error(name, model, spec, layer, i):
     x, y = layer_io(name, model, i)
-    s = dataclasses.replace(spec, scale=layer_scale(spec, i))
+    s = dataclasses.replace(spec, scale=spec.layer_scale(i))
     return rel_err(rebuild_attention(layer, s, x, causal=True, alibi=alibi_bias(name, spec)), y)
 
 
@@ -168,7 +168,7 @@ def test_family_extras(tmp_path_factory):
     assert spec.extras["partial_rotary_factor"] == 0.25  # rotary_pct default
     spec = read(build("gpt2_bare", tmp_path_factory)[1])[2]
     assert spec.extras["scale_attn_by_inverse_layer_idx"] is True
-    assert layer_scale(spec, 1) == pytest.approx(8 ** -0.5 / 2)
+    assert spec.layer_scale(1) == pytest.approx(8 ** -0.5 / 2)
     assert any("(i + 1)" in n for n in spec.notes)
     spec = read(build("falcon_rw_alibi", tmp_path_factory)[1])[2]
     assert spec.extras["alibi"] is True and spec.extras["alibi_scaled"] is True
@@ -183,12 +183,6 @@ def test_per_layer_scale_matters(tmp_path_factory):
     layer = adapter.layer(ckpt, spec, 1)
     x, y = layer_io("gpt2_bare", model, 1)
     assert rel_err(rebuild_attention(layer, spec, x, causal=True), y) > 1e-2
-
-
-@pytest.mark.parametrize("heads", [1, 4, 6, 12, 71])
-def test_alibi_slopes_match_transformers(heads):
-    got = alibi_slopes(heads)
-    assert torch.allclose(got, _get_alibi_slopes(heads, torch.device("cpu")).double(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["bloom", "falcon_rw_alibi"])

@@ -10,7 +10,6 @@ Llama runs with every position id at 0, so RoPE is the identity there.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
@@ -29,19 +28,12 @@ from tuckerctl.nn import (
     LatentKVCache,
     TuckerAttention,
     latent_rope,
-    tucker_parameter_count,
 )
+from tuckerctl.ranks import tucker_params
 
 N_TOKENS = 7
 FULL = (10 ** 6,) * 3  # clamped by tucker() to each mode's size: full multilinear rank
 INIT = 0.3  # O(1..10) logits: a far-from-uniform softmax, so wrong weights cannot hide
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def capture_io(model, in_module, out_module, inputs: dict):
@@ -162,18 +154,16 @@ def _case_vit(tmp):
 
 # family -> (builder, adapter module it needs)
 ORACLE_CASES = {
-    "llama": (_case_llama, "tuckerctl.adapters.llama"),
-    "gpt2": (_case_gpt2, "tuckerctl.adapters.fused"),
-    "bert": (_case_bert, "tuckerctl.adapters.encoders"),
-    "vit": (_case_vit, "tuckerctl.adapters.encoders"),
+    "llama": _case_llama,
+    "gpt2": _case_gpt2,
+    "bert": _case_bert,
+    "vit": _case_vit,
 }
 
 
 @pytest.fixture(scope="module", params=list(ORACLE_CASES))
 def oracle_case(request, tmp_path_factory):
-    build, needs = ORACLE_CASES[request.param]
-    if not _has_module(needs):
-        pytest.skip(f"{needs} (adapter for {request.param}) not written yet")
+    build = ORACLE_CASES[request.param]
     torch.manual_seed(3)
     return (request.param, *build(tmp_path_factory)[:5])
 
@@ -195,8 +185,6 @@ def test_full_rank_reproduces_transformers(oracle_case):
 
 
 def test_bert_padding_mask_matches_transformers(tmp_path_factory):
-    if not _has_module("tuckerctl.adapters.encoders"):
-        pytest.skip("tuckerctl.adapters.encoders (BERT adapter) not written yet")
     spec, layer, *_, model = _case_bert(tmp_path_factory)
     mask = torch.ones(2, N_TOKENS, dtype=torch.long)
     mask[1, 4:] = 0
@@ -406,9 +394,9 @@ def test_never_forms_dense_head_tensor(llama, x_batch):
     assert shapes == {"pre_core": ranks, "U1": (H, 3), "U2": (d + 1, 20), "U3": (d + 1, 12),
                       "post_core": post_ranks, "V1": (H, 2), "V2": (d, 24), "V3": (d + 1, 10),
                       "out_bias": (d,)}
-    # DESIGN's count, plus one homogeneous row on U2, U3 and V3, plus out_bias.
-    assert attn.parameter_count() == (tucker_parameter_count(H, d, ranks) + tucker_parameter_count(H, d, post_ranks)
-                                      + ranks[1] + ranks[2] + post_ranks[2] + d)
+    # Both Tucker tensors (homogeneous q/k/v sides have d + 1 rows), plus out_bias.
+    assert attn.parameter_count() == (tucker_params((H, d + 1, d + 1), ranks)
+                                      + tucker_params((H, d, d + 1), post_ranks) + d)
     with _ShapeSpy() as spy:
         attn(x_batch, causal=True)
     big = [s for s in spy.shapes if sum(n >= d for n in s) >= 2 or torch.Size(s).numel() >= H * d * d]
@@ -465,8 +453,6 @@ def test_from_checkpoint_plumbing(llama, llama_full, x_batch, monkeypatch):
     assert rel_err(y, llama_full(x_batch).detach()) <= 1e-5
 
 
-@pytest.mark.skipif(not _has_module("tuckerctl.tucker_format"),
-                    reason="tuckerctl.tucker_format not written yet (lead wires up the round trip)")
 def test_from_checkpoint_round_trip(llama, tmp_path):
     """Factors written with tucker_format.write_checkpoint, read back by from_checkpoint,
     reproduce transformers' own attention output (full rank, positions 0)."""
@@ -488,6 +474,37 @@ def test_from_checkpoint_round_trip(llama, tmp_path):
     x, y = capture_io(model, model.model.layers[1].self_attn, model.model.layers[1].self_attn,
                       dict(input_ids=ids, position_ids=torch.zeros_like(ids)))
     assert rel_err(attn(x.float()).detach().double(), y) <= 1e-5
+
+
+def test_gpt2_inverse_layer_idx_scale_reaches_the_module(tmp_path_factory, tmp_path):
+    """GPT-2 with ``scale_attn_by_inverse_layer_idx`` divides layer i's logits by i + 1:
+    a compressed checkpoint read back with from_checkpoint(layer=1), and verify's own
+    reference attention, reproduce transformers' layer 1 (full rank, float64)."""
+    from tuckerctl.compress import compress
+    from tuckerctl.verify import original_attention
+
+    path = tmp_path_factory.mktemp("gpt2-inv")
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        initializer_range=2 * INIT, attn_implementation="eager", bos_token_id=0,
+                        eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
+    model = save_tiny(tf.GPT2LMHeadModel, cfg, path)
+    attn_module = model.transformer.h[1].attn
+    x, y = capture_io(model, attn_module, attn_module, dict(input_ids=torch.randint(0, 64, (2, N_TOKENS))))
+    compress(path, tmp_path / "out", ranks="4,33,33", hooi_iters=0, dtype="float32", device="cpu")
+    attn = TuckerAttention.from_checkpoint(tmp_path / "out", 1, dtype=torch.float64)
+    assert attn.scale == pytest.approx(8 ** -0.5 / 2)
+    assert rel_err(attn(x).detach(), y) <= 1e-5
+    ckpt = open_checkpoint(path)
+    adapter, spec = detect(ckpt)
+    layer = adapter.layer(ckpt, spec, 1)
+    pre, post = (s.to(dtype=torch.float64) for s in (layer.pre, layer.post))
+    _, y_ref = original_attention(pre, post, x[0], spec.layer_scale(1), True, layer.out_bias.double())
+    assert rel_err(y_ref, y[0]) <= 1e-5  # transformers ran in float32
+    # Negative control: the plain scale (what both used before) is far off at layer 1.
+    _, y_plain = original_attention(pre, post, x[0], spec.scale, True, layer.out_bias.double())
+    assert rel_err(y_plain, y[0]) > 1e-2
+    with pytest.raises(ValueError, match="pass layer=i"):
+        TuckerAttention.from_tucker(*full_rank(layer), spec)
 
 
 # ------------------------------------------------------------------ GPU

@@ -31,7 +31,6 @@ and ALiBi are not supported (NotImplementedError).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -177,14 +176,17 @@ class TuckerAttention(nn.Module):
 
     @classmethod
     def from_tucker(cls, pre, post, spec, out_bias: Tensor | None = None, latent_rope: bool = False,
-                    causal: bool | None = None, dtype: torch.dtype | None = None) -> TuckerAttention:
+                    causal: bool | None = None, dtype: torch.dtype | None = None,
+                    layer: int | None = None) -> TuckerAttention:
         """Build from two ``Tucker`` objects (or ``(core, factors)`` pairs) and the model's
         ``ModelSpec`` (or its ``as_dict()``).
 
         ``latent_rope``: rotate in the latent key space with the model's ``rope_theta``
         (warns: an approximation). ``causal``: default masking; None = causal except for
-        encoder families (BERT, ViT, ...). Softcap, ALiBi, qk-norm and clip_qkv models
-        raise NotImplementedError: their logits are not a bilinear form of x alone."""
+        encoder families (BERT, ViT, ...). ``layer``: the layer index, needed when the logit
+        scale depends on it (GPT-2's ``scale_attn_by_inverse_layer_idx``). Softcap, ALiBi,
+        qk-norm and clip_qkv models raise NotImplementedError: their logits are not a
+        bilinear form of x alone."""
         family = str(_spec_get(spec, "family", ""))
         if _spec_get(spec, "softcap") or _spec_get(spec, "attn_logit_softcapping"):
             raise NotImplementedError(
@@ -225,7 +227,13 @@ class TuckerAttention(nn.Module):
             pre_f = [u.to(dtype) for u in pre_f]
             post_f = [u.to(dtype) for u in post_f]
             out_bias = None if out_bias is None else out_bias.to(dtype)
-        module = cls(pre_core, pre_f, post_core, post_f, _spec_get(spec, "scale"), out_bias,
+        scale = _spec_get(spec, "scale")
+        if _spec_get(spec, "scale_attn_by_inverse_layer_idx"):  # the rule of ModelSpec.layer_scale
+            if layer is None:
+                raise ValueError(f"TuckerAttention: {family or 'this model'} scales layer i's logits by "
+                                 f"1/(i + 1) (scale_attn_by_inverse_layer_idx); pass layer=i")
+            scale = scale / (layer + 1)
+        module = cls(pre_core, pre_f, post_core, post_f, scale, out_bias,
                      rope_theta=theta, causal=causal)
         module.source_rope = source_rope
         return module
@@ -234,11 +242,12 @@ class TuckerAttention(nn.Module):
     def from_checkpoint(cls, path, layer: int, device=None, latent_rope: bool = False,
                         causal: bool | None = None, dtype: torch.dtype | None = None) -> TuckerAttention:
         """Load one layer of a Tucker-format checkpoint written by ``tuckerctl compress``."""
-        from .tucker_format import read_layer  # lazy: optional module, avoids import cycles
+        from .tucker_format import read_layer  # lazy: the module itself needs only torch
 
         spec, pre_core, pre_factors, post_core, post_factors, out_bias = read_layer(path, layer)
         module = cls.from_tucker((pre_core, pre_factors), (post_core, post_factors), spec,
-                                 out_bias=out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype)
+                                 out_bias=out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
+                                 layer=layer)
         return module.to(device) if device is not None else module
 
     # ------------------------------------------------------------ properties
@@ -387,11 +396,5 @@ class TuckerAttention(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def tucker_parameter_count(H: int, d: int, ranks) -> int:
-    """DESIGN section 3's count for one tensor: r1 r2 r3 + H r1 + d r2 + d r3."""
-    r1, r2, r3 = ranks
-    return math.prod((r1, r2, r3)) + H * r1 + d * r2 + d * r3
-
-
 __all__ = ["LATENT_ROPE_WARNING", "NO_ROPE_WARNING", "LatentKVCache", "TuckerAttention",
-           "latent_rope", "tucker_parameter_count"]
+           "latent_rope"]

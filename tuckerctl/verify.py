@@ -136,8 +136,9 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
                 raise InputError(f"{tk.path}: layer {layer.index} {key} factors have mode sizes {list(got)}, "
                                  f"but {against} gives {list(want)}")
         bias = None if layer.out_bias is None else layer.out_bias.to(device=dev, dtype=torch.float64)
-        logits, y = original_attention(pre, post, x, spec.scale, causal, bias)
-        attn = TuckerAttention(t.pre_core, t.pre_factors, t.post_core, t.post_factors, spec.scale,
+        scale = spec.layer_scale(layer.index)
+        logits, y = original_attention(pre, post, x, scale, causal, bias)
+        attn = TuckerAttention(t.pre_core, t.pre_factors, t.post_core, t.post_factors, scale,
                                out_bias=t.out_bias, causal=causal)
         with torch.no_grad():
             y_hat = attn(x)
@@ -148,7 +149,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
             "post": {"ranks": list(t.post_core.shape),
                      "rel_error": weight_error(post, t.post_core, t.post_factors),
                      "reported_error": rec["post"]["rel_error"]},
-            "logits_rel_error": _rel(tucker_logits(t.pre_core, t.pre_factors, x, spec.scale), logits),
+            "logits_rel_error": _rel(tucker_logits(t.pre_core, t.pre_factors, x, scale), logits),
             "output_rel_error": _rel(y_hat, y),
         }
         worst = max(row["pre"]["rel_error"], row["post"]["rel_error"])

@@ -14,7 +14,6 @@ Norm gains between projections are folded into the adjacent factor.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -54,6 +53,13 @@ class ModelSpec:
         out["notes"] = list(self.notes)
         return out
 
+    def layer_scale(self, i: int) -> float:
+        """Logit scale of layer ``i``: ``scale``, divided by (i + 1) for GPT-2 models with
+        ``scale_attn_by_inverse_layer_idx`` (transformers' GPT2Attention)."""
+        if self.extras.get("scale_attn_by_inverse_layer_idx"):
+            return self.scale / (i + 1)
+        return self.scale
+
 
 @dataclass
 class LayerWeights:
@@ -91,13 +97,6 @@ def cfg_get(cfg: dict, *keys: str, default=None):
         if cfg.get(k) is not None:
             return cfg[k]
     return default
-
-
-def require(cfg: dict, source: str, *keys: str):
-    value = cfg_get(cfg, *keys)
-    if value is None:
-        raise InputError(f"{source}: missing field {keys[0]!r}")
-    return value
 
 
 def find_layers(ckpt: Checkpoint, suffix: str) -> tuple[str, dict[int, str]]:
@@ -216,7 +215,3 @@ def separate_layer(
     if params is None:
         params = q.numel() + k.numel() + v.numel() + o.numel()
     return LayerWeights(index, HeadStack(A, B), HeadStack(O_t, V), bo, tensors or [], params)
-
-
-def numel(shape) -> int:
-    return math.prod(shape)

@@ -15,7 +15,6 @@ Reading a grouped tensor contiguously gives O(1) errors; the tests check both.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -85,23 +84,6 @@ def split_grouped(t: Tensor, heads: int, groups: int, head_dim: int) -> tuple[Te
     k = v[:, r].reshape(groups * head_dim, *rest)
     val = v[:, r + 1].reshape(groups * head_dim, *rest)
     return q, k, val
-
-
-def alibi_slopes(heads: int) -> Tensor:
-    """ALiBi head slopes (Press et al.): 2^(-8 i / n) for i = 1..n, n the largest power
-    of two <= H; further heads take the odd-indexed slopes of the 2n sequence."""
-    n = 2 ** int(math.floor(math.log2(heads)))
-    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
-    slopes += [2.0 ** (-8.0 * i / (2 * n)) for i in range(1, 2 * (heads - n), 2)]
-    return torch.tensor(slopes, dtype=torch.float64)
-
-
-def layer_scale(spec: ModelSpec, i: int) -> float:
-    """Logit scale of layer ``i``: ``spec.scale``, divided by (i + 1) for GPT-2 models
-    with ``scale_attn_by_inverse_layer_idx``."""
-    if spec.extras.get("scale_attn_by_inverse_layer_idx"):
-        return spec.scale / (i + 1)
-    return spec.scale
 
 
 def rope_extras(cfg: dict, default_factor: float = 1.0, legacy_pct: str | None = None,
