@@ -35,7 +35,7 @@ def check_mode(m):
 
 
 def check_analysis(doc, layers):
-    assert doc["schema"] == "tuckerctl.analysis/1" and isinstance(doc["tool_version"], str)
+    assert doc["schema"] == "tuckerctl.analysis/2" and isinstance(doc["tool_version"], str)
     assert doc["source"]["format"] in ("safetensors", "gguf") and doc["source"]["path"]
     model = doc["model"]
     for key, typ in (("family", str), ("layers", int), ("d", int), ("heads", int), ("kv_heads", int),

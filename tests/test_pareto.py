@@ -63,7 +63,7 @@ def analysis_of(layers: list[tuple[HeadStack, HeadStack]], model: dict) -> dict:
     for i, (pre, post) in enumerate(layers):
         lw = LayerWeights(i, pre, post, None, [], 0)
         docs.append(analyze_layer(lw, ENERGY, 1e-12, torch.device("cpu")))
-    return {"schema": "tuckerctl.analysis/1", "model": model, "settings": {"energy": list(ENERGY), "tol": 1e-12},
+    return {"schema": "tuckerctl.analysis/2", "model": model, "settings": {"energy": list(ENERGY), "tol": 1e-12},
             "layers": docs, "summary": {"verdicts": []}}
 
 

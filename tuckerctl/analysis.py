@@ -19,10 +19,12 @@ from .adapters import LayerWeights, ModelSpec, detect
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import InputError
+from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .multilinear import mode_spectra, reduce
+from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
 
-SCHEMA = "tuckerctl.analysis/1"
+SCHEMA = "tuckerctl.analysis/2"
 MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
 
@@ -72,28 +74,60 @@ def default_tol(ckpt: Checkpoint, layer: LayerWeights) -> float:
     return DTYPE_TOL.get(ckpt.dtype(layer.tensors[0]), DTYPE_TOL["F32"]) if layer.tensors else 1e-6
 
 
-def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, device) -> dict:
-    """Spectra and effective ranks of one head stack (computed in float64)."""
+def tradeoff_grids(red, groups: list[int], width: int, ceilings) -> list[list[int]]:
+    """Rank triples at which analyze computes exact truncated-HOSVD errors: every head rank up
+    to 24 heads (else a geometric grid), geometric grids of about 20 ranks for the other two
+    modes, plus the GQA widths G' d_h and the ceilings (so the MLA- and GQA-shaped points and
+    the model's own ranks are on the grid)."""
+    H, c2, c3 = full_widths(red)
+    g1 = list(range(1, H + 1)) if H <= 24 else rank_grid(H, 16).tolist()
+    g2 = rank_grid(c2, 20, [ceilings[1]]).tolist()
+    g3 = rank_grid(c3, 20, [g * width for g in groups] + [ceilings[2]]).tolist()
+    return [g1, g2, g3]
+
+
+def exact_tradeoff(red, groups: list[int], width: int, ceilings) -> dict:
+    """Exact errors for figure 4 of one tensor: GQA-shaped per grouping (always) and the
+    truncated-HOSVD residual table on the grid (skipped above EXACT_TABLE_MAX_FLOPS: None)."""
+    out = {"gqa": [gqa_errors(red, g, width) for g in groups]}
+    if table_flops(red) <= EXACT_TABLE_MAX_FLOPS:
+        grids = tradeoff_grids(red, groups, width, ceilings)
+        table, norm_sq = hosvd_residuals(red, grids)
+        out["hosvd"] = {"grid": grids, "residual_sq": table.cpu().tolist(), "norm_sq": norm_sq}
+    else:
+        out["hosvd"] = None
+    return out
+
+
+def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, device,
+                   groups: list[int] | None = None, width: int | None = None) -> dict:
+    """Spectra and effective ranks of one head stack (computed in float64); with ``groups``
+    also the exact trade-off errors (:func:`exact_tradeoff`, under ``"exact"``)."""
     st = stack.to(device=device, dtype=torch.float64)
-    spectra = mode_spectra(reduce(st))
+    red = reduce(st)
+    spectra = mode_spectra(red)
     gram = spectra.head_gram
     diag = gram.diagonal().clamp_min(1e-300).sqrt()
     cos = (gram / diag[:, None] / diag[None, :]).cpu()
     shape = st.shape
     modes = {name: mode_summary(s, size, ceil, energies, tol)
              for name, s, size, ceil in zip(names, spectra, shape, st.ceilings)}
-    return {"shape": list(shape), "norm": float(gram.trace().clamp_min(0).sqrt()),
-            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
+    out = {"shape": list(shape), "norm": float(gram.trace().clamp_min(0).sqrt()),
+           "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
+    if groups:
+        out["exact"] = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings)
+    return out
 
 
 def _ranks_at(tensor: dict, tau: float) -> list[int]:
     return [max(1, energy_rank(m["singular_values"], tau)) for m in tensor["modes"].values()]
 
 
-def analyze_layer(layer: LayerWeights, energies, tol: float, device) -> dict:
+def analyze_layer(layer: LayerWeights, energies, tol: float, device, groups: list[int] | None = None) -> dict:
     out = {"index": layer.index}
     for key in ("pre", "post"):
-        out[key] = analyze_tensor(getattr(layer, key), MODE_NAMES[key], energies, tol, device)
+        stack = getattr(layer, key)
+        out[key] = analyze_tensor(stack, MODE_NAMES[key], energies, tol, device, groups, stack.left.shape[2])
     ranks = {key: _ranks_at(out[key], PARAMS_ENERGY) for key in ("pre", "post")}
     tucker = sum(tucker_params(out[k]["shape"], ranks[k]) for k in ranks)
     out["params"] = {"original": layer.params, f"tucker_{PARAMS_ENERGY:g}": tucker,
@@ -164,10 +198,17 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     indices = parse_layers(layers, spec.layers)
     results = []
     used_tol = tol
+    groups = gqa_groups(spec.heads, spec.kv_heads if spec.attention != "MLA" else None)
+    tables: dict = {}
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         if used_tol is None:
             used_tol = default_tol(ckpt, layer)
-        results.append(analyze_layer(layer, energy, used_tol, dev))
+        result = analyze_layer(layer, energy, used_tol, dev, groups)
+        for key in ("pre", "post"):
+            exact = result[key].pop("exact")
+            result[key]["gqa"] = exact["gqa"]
+            _add_table(tables, key, exact["hosvd"])
+        results.append(result)
         if progress:
             progress(k + 1, len(indices))
     doc = {
@@ -179,11 +220,84 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         "layers": results,
     }
     tucker_key = f"tucker_{PARAMS_ENERGY:g}"
+    tradeoff = {key: _summary_tradeoff(results, key, tables.get(key)) for key in ("pre", "post")} if results else {}
     doc["summary"] = {"verdicts": verdicts(spec, results) if results else [],
                       "params_original": sum(r["params"]["original"] for r in results),
                       f"params_{tucker_key}": sum(r["params"][tucker_key] for r in results),
+                      "tradeoff": tradeoff,
                       "seconds": round(time.perf_counter() - start, 3)}
+    if results:
+        doc["summary"]["verdicts"] += tradeoff_verdicts(doc)
     return doc
+
+
+def tradeoff_verdicts(doc: dict) -> list[str]:
+    """Figure 4 in words, at exact errors: what each format reaches at the model's own size."""
+    from . import pareto
+
+    lines = []
+    model = doc["model"]
+    for key, label in (("pre", "pre-softmax"), ("post", "post-softmax")):
+        t = pareto.tradeoff(doc, key)
+        own = t.model.params
+        kind = "exact truncated-HOSVD" if t.exact else "HOSVD tail bound"
+        tuck, mla = pareto.best_error(t.tucker, own), pareto.best_error(t.mla, own)
+        fmt = lambda e: "–" if e != e else f"{e:.3f}"  # noqa: E731
+        lines.append(f"{label}: at the model's own size ({own:,.0f} parameters) its {model['attention']} format is "
+                     f"exact; the best Tucker truncation has error {fmt(tuck)} ({kind}), the best MLA-shaped "
+                     f"{fmt(mla)}")
+        for i, g in enumerate(int(lab.removeprefix("G=")) for lab in t.gqa.labels):
+            if model["attention"] != "MLA" and g % int(model["kv_heads"]) == 0:
+                continue  # finer than the model's own grouping: exact, nothing to report
+            x = t.gqa.params[i]
+            contiguous = t.gqa_contiguous.errors[i] if t.gqa_contiguous is not None else t.gqa.errors[i]
+            regrouped = next((r["regrouped_layers"] for r in doc["summary"]["tradeoff"][key]["gqa"]
+                              if r["groups"] == g), 0)
+            lines.append(f"{label}: GQA-shaped with {g} group(s) ({x:,.0f} parameters): exact error {contiguous:.3f} "
+                         f"with contiguous groups" + (f", {t.gqa.errors[i]:.3f} with the greedy regrouping "
+                                                       f"({regrouped} of {len(doc['layers'])} layers regrouped)"
+                                                       if t.gqa.errors[i] < contiguous * (1 - 1e-9) else "")
+                         + f"; at that size Tucker {fmt(pareto.best_error(t.tucker, x))}, "
+                           f"MLA-shaped {fmt(pareto.best_error(t.mla, x))}")
+    if model["attention"] in ("MHA", "GQA", "MQA"):
+        lines.append("Truncating a pretrained MHA/GQA model into Tucker loses to the model's own format at its own "
+                     "size: the Tucker core does not exploit each head's rank <= d_h, which the model's factored "
+                     "projections store for free. Tucker attention's gains come from training in the format.")
+    return lines
+
+
+def _add_table(tables: dict, key: str, hosvd: dict | None) -> None:
+    """Sum the layers' exact HOSVD residual tables (same grid in every layer: same shapes)."""
+    if hosvd is None or tables.get(key, {}) is None:
+        tables[key] = None
+        return
+    res = torch.tensor(hosvd["residual_sq"], dtype=torch.float64)
+    if key not in tables:
+        tables[key] = {"grid": hosvd["grid"], "residual_sq": res, "norm_sq": hosvd["norm_sq"]}
+    elif tables[key]["grid"] != hosvd["grid"]:
+        tables[key] = None  # layers of different shapes: no common grid
+    else:
+        tables[key]["residual_sq"] += res
+        tables[key]["norm_sq"] += hosvd["norm_sq"]
+
+
+def _summary_tradeoff(results: list[dict], key: str, table: dict | None) -> dict:
+    """Layer sums for figure 4: the exact truncated-HOSVD residuals on the grid (the same
+    ranks in every layer) and the exact GQA-shaped errors per number of groups."""
+    norm_sq = sum(r[key]["norm"] ** 2 for r in results)
+    gqa = []
+    for i, rec in enumerate(results[0][key]["gqa"]):
+        contiguous = sum((r[key]["gqa"][i]["error_contiguous"] * r[key]["norm"]) ** 2 for r in results)
+        best = sum((r[key]["gqa"][i]["error_best"] * r[key]["norm"]) ** 2 for r in results)
+        rel = lambda x: (x / norm_sq) ** 0.5 if norm_sq > 0 else 0.0  # noqa: E731
+        gqa.append({"groups": rec["groups"], "error_contiguous": rel(contiguous), "error_best": rel(best),
+                    "regrouped_layers": sum(r[key]["gqa"][i]["best_grouping"] is not None for r in results)})
+    hosvd = None
+    if table is not None:
+        hosvd = {"grid": table["grid"], "norm_sq": table["norm_sq"],
+                 "residual_sq": [[[float(f"{v:.10g}") for v in row] for row in plane]
+                                 for plane in table["residual_sq"].tolist()]}
+    return {"form": "zero-offset", "hosvd": hosvd, "gqa": gqa}
 
 
 def inspect(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None) -> dict:

@@ -271,13 +271,79 @@ def model_point(analysis: dict, key: str, tt: TensorTails | None = None) -> Mode
 
 @dataclass(frozen=True)
 class Tradeoff:
-    """Everything figure 4 draws for one tensor of one analysis."""
+    """Everything figure 4 draws for one tensor of one analysis. ``exact``: Tucker and
+    MLA-shaped errors are exact truncated-HOSVD errors (else HOSVD tail bounds, an upper
+    bound on them); ``gqa_contiguous``: the exact GQA errors of the contiguous grouping
+    when ``gqa`` holds a better regrouping's."""
 
     key: str
     tucker: Curve
     mla: Curve
     gqa: Curve
     model: ModelPoint
+    exact: bool = False
+    gqa_contiguous: Curve | None = None
+
+
+def exact_curves(analysis: dict, key: str, count: str = "native") -> tuple[Curve, Curve] | None:
+    """Tucker and MLA-shaped points at their exact truncated-HOSVD errors, from the layer-summed
+    residual table that analyze stores (``summary.tradeoff[key].hosvd``); None without it."""
+    rec = ((analysis.get("summary") or {}).get("tradeoff") or {}).get(key) or {}
+    table = rec.get("hosvd")
+    if not table:
+        return None
+    model = analysis["model"]
+    layers = len(analysis["layers"])
+    H = int(model["heads"])
+    d = int(model["d"])
+    shape = tuple(max(int(layer[key]["shape"][k]) for layer in analysis["layers"]) for k in range(3))
+    g1, g2, g3 = (np.asarray(g, dtype=np.int64) for g in table["grid"])
+    res = np.asarray(table["residual_sq"], dtype=np.float64)
+    norm_sq = float(table["norm_sq"])
+    err = np.minimum(1.0, np.sqrt(np.maximum(res, 0.0) / norm_sq)) if norm_sq > 0 else np.zeros_like(res)
+    r1, r2, r3 = (a.ravel() for a in np.meshgrid(g1, g2, g3, indexing="ij"))
+    # Only feasible triples (each rank at most the product of the other two): beyond that the
+    # core cannot use the extra columns, and the same error is reached for fewer parameters.
+    ok = (r1 <= r2 * r3) & (r2 <= r1 * r3) & (r3 <= r1 * r2)
+    Hm, m, n = shape
+    tucker_params_ = layers * (r1 * r2 * r3 + Hm * r1 + m * r2 + n * r3)
+    tucker = Curve(tucker_params_[ok].astype(np.float64), err.ravel()[ok], np.stack([r1, r2, r3], 1)[ok])
+    width = int(model["head_dim"]) if key == "pre" else int(model.get("value_dim") or model["head_dim"])
+    mla_ok = r1 == H if key == "pre" else (r1 == H) & (r2 == g2.max())
+    if count == "tucker":
+        mla_params = tucker_params_
+    elif key == "pre":
+        mla_params = layers * (_latent_side(d, H, width, r2) + _latent_side(d, H, width, r3))
+    else:
+        mla_params = layers * (d * H * width + _latent_side(d, H, width, r3))
+    mla = Curve(np.asarray(mla_params, dtype=np.float64)[mla_ok], err.ravel()[mla_ok],
+                np.stack([r1, r2, r3], 1)[mla_ok])
+    return tucker.front(), mla.front()
+
+
+def exact_gqa(analysis: dict, key: str, count: str = "native") -> tuple[Curve, Curve] | None:
+    """GQA-shaped points at their exact errors (best grouping found, and contiguous), from
+    ``summary.tradeoff[key].gqa``; None without it."""
+    rec = ((analysis.get("summary") or {}).get("tradeoff") or {}).get(key) or {}
+    if not rec.get("gqa"):
+        return None
+    model = analysis["model"]
+    layers = len(analysis["layers"])
+    H, d = int(model["heads"]), int(model["d"])
+    width = int(model["head_dim"]) if key == "pre" else int(model.get("value_dim") or model["head_dim"])
+    tt = tensor_tails(analysis["layers"], key)
+    gs = np.asarray([int(x["groups"]) for x in rec["gqa"]], dtype=np.int64)
+    r3 = np.minimum(gs * width, tt.shape[2])
+    ranks = np.stack([np.full_like(gs, H), np.full_like(gs, tt.widths[1]), r3], axis=1)
+    if count == "tucker":
+        params = _tucker_count(tt, ranks[:, 0], ranks[:, 1], ranks[:, 2])
+    else:
+        params = layers * (d * H * width + d * gs * width)
+    labels = tuple(f"G={g}" for g in gs.tolist())
+    make = lambda field: Curve(np.asarray(params, dtype=np.float64),  # noqa: E731
+                               np.asarray([float(x[field]) for x in rec["gqa"]]), ranks, labels,
+                               (False,) * len(gs))
+    return make("error_best"), make("error_contiguous")
 
 
 def tradeoff(analysis: dict, key: str, points: int = 24, count: str = "native") -> Tradeoff:
@@ -293,13 +359,19 @@ def tradeoff(analysis: dict, key: str, points: int = 24, count: str = "native") 
     groups = gqa_groups(int(model["heads"]), own)
     special = [g * width for g in groups] + list(tt.ceilings[2:])
     extra = ((tt.shape[0],), (tt.ceilings[1],), tuple(special))
-    return Tradeoff(
-        key,
-        tucker_frontier(tt, points, extra),
-        mla_points(tt, key, int(model["d"]), width, points, count).front(),
-        gqa_points(tt, int(model["d"]), width, groups, own, count),
-        model_point(analysis, key, tt),
-    )
+    curves = exact_curves(analysis, key, count)
+    gqa = exact_gqa(analysis, key, count)
+    if curves is not None:
+        tucker, mla = curves
+    else:
+        tucker = tucker_frontier(tt, points, extra)
+        mla = mla_points(tt, key, int(model["d"]), width, points, count).front()
+    if gqa is not None:
+        best, contiguous = gqa
+        gqa_contiguous = contiguous if np.any(contiguous.errors > best.errors * (1 + 1e-9)) else None
+    else:
+        best, gqa_contiguous = gqa_points(tt, int(model["d"]), width, groups, own, count), None
+    return Tradeoff(key, tucker, mla, best, model_point(analysis, key, tt), curves is not None, gqa_contiguous)
 
 
 

@@ -386,14 +386,16 @@ def fig_heads(analysis: dict) -> Figure:
 # ----------------------------------------------------------------------------- figure 4
 
 def fig_tradeoff(analyses: list[dict]) -> Figure:
-    """Relative error (HOSVD tail bound) against parameters: Tucker, MLA-, GQA-shaped formats."""
+    """Relative error against parameters: Tucker, MLA-, GQA-shaped formats (exact truncated-HOSVD
+    and exact GQA errors where the analysis has them, else HOSVD tail bounds, labelled so)."""
     with matplotlib.rc_context(_RC):
         fig = _figure(figure_size("tradeoff"))
         axes = fig.subplots(1, 2)
         names = _names(analyses)
         data = [[pareto.tradeoff(a, key) for key in TENSORS] for a in analyses]
         floor = _error_floor([t for row in data for t in row])
-        has_exact = has_lower = False
+        has_exact = has_lower = has_contiguous = False
+        all_exact = all(t.exact for row in data for t in row)
         for col, key in enumerate(TENSORS):
             ax = axes[col]
             for i, (a, ls) in enumerate(zip(analyses, MODEL_STYLES)):
@@ -420,6 +422,14 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
                     ax.annotate(lab, (x, e), xytext=xy, textcoords="offset points", fontsize=7.5,
                                 color=FAMILY_COLORS["GQA"], va="baseline" if at_floor else "center",
                                 ha="center" if at_floor else ("right" if under else "left"))
+                if t.gqa_contiguous is not None:
+                    for x, e, eb, lab in zip(t.gqa_contiguous.params, clip(t.gqa_contiguous.errors),
+                                             clip(t.gqa.errors), t.gqa_contiguous.labels):
+                        if e > eb * (1 + 1e-6) and not (a["model"]["attention"] != "MLA"
+                                                      and lab == f"G={a['model']['kv_heads']}"):
+                            ax.plot([x], [e], ls="none", marker="_", ms=11, mew=1.6, color=FAMILY_COLORS["GQA"],
+                                    zorder=4)
+                            has_contiguous = True
                 p = t.model
                 ax.axvline(p.params, color=FAMILY_COLORS["model"], ls=ls, lw=0.8, alpha=0.5, zorder=0)
                 ax.plot([p.params], [max(p.error, floor)], ls="none", marker="*", ms=15, mew=0.8,
@@ -452,25 +462,32 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
             ax.set_title(TENSOR_TITLES[key])
             ax.set_xlabel("attention parameters of this tensor, all layers (log scale)")
             if col == 0:
-                ax.set_ylabel("relative error ‖W − Ŵ‖ / ‖W‖ (HOSVD tail bound, log scale)")
+                ax.set_ylabel("relative error ‖W − Ŵ‖ / ‖W‖ ("
+                              + ("exact" if all_exact else "HOSVD tail bound") + ", log scale)")
             p0 = data[0][col].model.params
             sec = ax.secondary_xaxis("top", functions=(lambda x, p0=p0: x / p0, lambda x, p0=p0: x * p0))
             sec.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
             sec.set_xlabel("parameters relative to " + ("this model" if len(analyses) == 1 else "model A")
                            + " (×)", fontsize=8)
         handles = [
-            Line2D([], [], color=FAMILY_COLORS["Tucker"], lw=1.8, label="Tucker, any (r1 ≤ H, r2, r3): frontier"),
-            Line2D([], [], color=FAMILY_COLORS["MLA"], lw=1.6, label="MLA-shaped (r1 = H, latent ranks): frontier"),
+            Line2D([], [], color=FAMILY_COLORS["Tucker"], lw=1.8,
+                   label="Tucker (r1 ≤ H, r2, r3), truncated HOSVD: frontier"),
+            Line2D([], [], color=FAMILY_COLORS["MLA"], lw=1.6,
+                   label="MLA-shaped: separate K and V latents, no decoupled RoPE"),
         ]
         if has_exact:
             handles.append(Line2D([], [], color=FAMILY_COLORS["GQA"], ls="none", marker="D", ms=6,
-                                  label="GQA-shaped, G groups (exact)"))
+                                  label="GQA-shaped, G groups, best grouping found (exact)"))
+        if has_contiguous:
+            handles.append(Line2D([], [], color=FAMILY_COLORS["GQA"], ls="none", marker="_", ms=11, mew=1.6,
+                                  label="GQA-shaped, contiguous groups (exact)"))
         if has_lower:
             handles.append(Line2D([], [], color=FAMILY_COLORS["GQA"], mfc="white", ls="none", marker="D", ms=6,
                                   mew=1.4, label="GQA-shaped, G groups: lower bound only"))
         handles.append(Line2D([], [], color=FAMILY_COLORS["model"], mec="black", ls="none", marker="*", ms=12,
                               label="the model's own architecture"))
         fig.suptitle("Error against parameters at equal parameter counts"
+                     + (" (exact errors)" if all_exact else " (Tucker/MLA: HOSVD tail bounds)")
                      + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=11)
         _model_legend(fig, names, handles, ncol=3 if len(names) == 1 else 4, markers=True)
         return fig

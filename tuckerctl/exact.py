@@ -1,0 +1,166 @@
+"""Exact errors of the formats a reviewer compares: truncated HOSVD at every rank triple of a
+grid, and GQA-shaped formats for a given grouping of the heads.
+
+Pure functions of a head stack (torch, no I/O), computed from the factors like everything in
+:mod:`tuckerctl.multilinear`:
+
+* **Truncated HOSVD at a grid of triples.** With the full HOSVD bases ``U1, U2, U3`` (leading
+  eigenvectors of the three mode Grams) the full core ``C = W x1 U1^T x2 U2^T x3 U3^T`` is
+  all-orthogonal, and truncating to ``(r1, r2, r3)`` keeps exactly the block ``C[:r1, :r2, :r3]``:
+  ``||W - W_hat||^2 = ||W||^2 - sum_{i<r1, j<r2, k<r3} C[i, j, k]^2``. So one pass over the
+  full core, binned on the grid, gives the exact truncated-HOSVD error of every grid triple
+  (:func:`hosvd_residuals`); MLA-shaped truncations are the triples with ``r1 = H``.
+* **GQA-shaped with a grouping.** Heads of a group share one key (value) matrix of width
+  ``d_h``; each keeps its own query (output) side. For a fixed shared basis ``Y`` (n x d_h,
+  orthonormal) the best per-head factor is ``W[h] Y``, so the optimum is Eckart-Young on the
+  group's stacked key side ``[W[h]^T]_{h in g}``: the error is the tail beyond ``d_h`` of its
+  singular values (:func:`gqa_residual`), a small SVD per group in reduced coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .multilinear import (
+    HeadStack,
+    Reduced,
+    _left_side,
+    _r_factors,
+    _right_side,
+    _top_eigvecs,
+    frobenius_norm_sq,
+    head_gram,
+    reduce,
+)
+
+# Above this many multiply-adds for the full core (H c2 c3 (r + H)), analyze skips the exact
+# trade-off table and says so (Llama-3-8B shapes: 2e10, about 20 s per tensor on 2 CPU cores).
+EXACT_TABLE_MAX_FLOPS = 4e9
+
+
+ROUNDING_FLOOR = 1e-13
+
+
+def full_widths(red: Reduced) -> tuple[int, int, int]:
+    """Number of (structurally) nonzero singular values each mode can have: H, min(p, H k), min(q, H k)."""
+    H, p, r = red.lc.shape
+    q = red.rc.shape[1]
+    return H, min(p, H * min(q, r)), min(q, H * min(p, r))
+
+
+def table_flops(red: Reduced) -> float:
+    H, c2, c3 = full_widths(red)
+    return float(H) * c2 * c3 * (red.lc.shape[2] + H)
+
+
+def _bins(grid: Sequence[int], width: int, device) -> tuple[Tensor, int]:
+    """Index i (0-based) is kept by every grid rank g > i: bin = number of grid ranks <= i."""
+    g = torch.as_tensor(sorted(set(int(x) for x in grid)), device=device)
+    idx = torch.arange(width, device=device)
+    return torch.searchsorted(g, idx, right=True), len(g)
+
+
+def hosvd_residuals(stack: HeadStack | Reduced, grids: Sequence[Sequence[int]]) -> tuple[Tensor, float]:
+    """``R[a, b, c] = ||W - W_hat||_F^2`` of the truncated HOSVD at ranks
+    ``(grids[0][a], grids[1][b], grids[2][c])`` (grids sorted ascending, deduplicated), and
+    ``||W||_F^2``. Computed in the stack's dtype (use float64) from the full core, a block of
+    mode-2 indices at a time. Residuals below ``ROUNDING_FLOOR * ||W||^2`` (relative errors
+    below 3e-7) are rounding of the subtraction and are returned as 0."""
+    red = stack if isinstance(stack, Reduced) else reduce(stack)
+    H, c2, c3 = full_widths(red)
+    dev = red.lc.device
+    U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), H)[1]
+    V2 = _left_side(red, c2)[1]
+    V3 = _right_side(red, c3)[1]
+    b1, n1 = _bins(grids[0], H, dev)
+    b2, n2 = _bins(grids[1], V2.shape[1], dev)
+    b3, n3 = _bins(grids[2], V3.shape[1], dev)
+    rb = (V3.T @ red.rc)[red.group].transpose(1, 2)  # (H, r, c3)
+    acc = torch.zeros(n1 + 1, n2 + 1, V3.shape[1], dtype=red.lc.dtype, device=dev)
+    step = max(1, (1 << 22) // max(1, H * V3.shape[1]))
+    for s in range(0, V2.shape[1], step):
+        e = min(V2.shape[1], s + step)
+        y = (V2[:, s:e].T @ red.lc) @ rb  # (H, e - s, c3): per-head slices in the mode-2/3 bases
+        core = torch.einsum("hj,hab->jab", U1, y)
+        sq = core * core
+        part = torch.zeros(n1 + 1, e - s, sq.shape[2], dtype=sq.dtype, device=dev).index_add_(0, b1, sq)
+        acc.index_add_(1, b2[s:e], part)
+    table = torch.zeros(n1 + 1, n2 + 1, n3 + 1, dtype=acc.dtype, device=dev).index_add_(2, b3, acc)
+    kept = table.cumsum(0).cumsum(1).cumsum(2)[:n1, :n2, :n3]
+    norm_sq = float(frobenius_norm_sq(red))
+    resid = norm_sq - kept
+    # ||W||^2 - kept cancels: below ROUNDING_FLOOR ||W||^2 the residual is rounding, i.e. exact.
+    return torch.where(resid > ROUNDING_FLOOR * norm_sq, resid, torch.zeros_like(resid)), norm_sq
+
+
+def _key_side_blocks(red: Reduced) -> Tensor:
+    """Z_h = rc_g(h) S_h^T (H, q, k): [Z_h]_{h in S} has the singular values of the stacked
+    right (key/value) side [W[h]^T]_{h in S} (S_h from thin QRs of lc_h)."""
+    S = _r_factors(red.lc)
+    return red.rc_heads @ S.transpose(1, 2)
+
+
+def gqa_residual(stack: HeadStack | Reduced, groups: Sequence[Sequence[int]], width: int) -> float:
+    """``min ||W - W_gqa||_F^2`` over GQA-shaped tensors whose heads in each group share one
+    right-side (key/value) matrix of ``width`` columns: sum over groups of the tail beyond
+    ``width`` of the singular values of the group's stacked right side."""
+    red = stack if isinstance(stack, Reduced) else reduce(stack)
+    Z = _key_side_blocks(red)
+    total = 0.0
+    for heads in groups:
+        block = Z[list(heads)].permute(1, 0, 2).reshape(Z.shape[1], -1)
+        s = torch.linalg.svdvals(block)
+        total += float((s[width:] ** 2).sum())
+    return total
+
+
+def contiguous_groups(heads: int, groups: int) -> list[list[int]]:
+    """Heads h with h // (H / G) = g, the grouping GQA checkpoints use."""
+    size = heads // groups
+    return [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+
+
+def greedy_groups(stack: HeadStack | Reduced, groups: int) -> list[list[int]]:
+    """A grouping of the heads into ``groups`` equal groups whose right (key/value) sides are
+    alike: seeds the heaviest unassigned head, then adds the unassigned head most similar to
+    the group (cosine of the heads' right-side Grams ``Z_h Z_h^T``, from an H x H Gram)."""
+    red = stack if isinstance(stack, Reduced) else reduce(stack)
+    Z = _key_side_blocks(red)
+    H = Z.shape[0]
+    sim = head_gram(Z, Z, torch.arange(H, device=Z.device)).double().cpu()
+    diag = sim.diagonal().clamp_min(1e-300).sqrt()
+    cos = sim / diag[:, None] / diag[None, :]
+    size = H // groups
+    free = set(range(H))
+    out = []
+    while free:
+        seed = max(free, key=lambda h: float(sim[h, h]))
+        group = [seed]
+        free.remove(seed)
+        while len(group) < size:
+            best = max(free, key=lambda h: float(cos[h, group].sum()))
+            group.append(best)
+            free.remove(best)
+        out.append(sorted(group))
+    return sorted(out)
+
+
+def gqa_errors(stack: HeadStack | Reduced, groups: int, width: int) -> dict:
+    """Exact relative errors of the GQA-shaped format with ``groups`` groups: contiguous
+    grouping, and the greedy regrouping (with the grouping when it is better)."""
+    red = stack if isinstance(stack, Reduced) else reduce(stack)
+    norm_sq = float(frobenius_norm_sq(red))
+    rel = lambda x: (x / norm_sq) ** 0.5 if norm_sq > 0 else 0.0  # noqa: E731
+    H = red.lc.shape[0]
+    contiguous = gqa_residual(red, contiguous_groups(H, groups), width)
+    if groups in (1, H):
+        return {"groups": groups, "error_contiguous": rel(contiguous), "error_best": rel(contiguous),
+                "best_grouping": None}
+    regroup = greedy_groups(red, groups)
+    other = gqa_residual(red, regroup, width)
+    better = other < contiguous * (1 - 1e-9)
+    return {"groups": groups, "error_contiguous": rel(contiguous), "error_best": rel(min(contiguous, other)),
+            "best_grouping": regroup if better else None}
