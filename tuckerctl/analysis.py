@@ -184,7 +184,8 @@ def _ceiling_formula(spec: ModelSpec, key: str, mode: str) -> str:
 
 def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
             layers: str | None = None, energy=DEFAULT_ENERGY, tol: float | None = None,
-            device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict:
+            device: str = "auto", progress: Callable[[int, int], None] | None = None,
+            revision: str | None = None) -> dict:
     """Analyse a checkpoint; returns the versioned analysis document (README: JSON)."""
     for t in energy:
         if not 0 < t <= 1:
@@ -193,7 +194,7 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         raise InputError(f"--tol: {tol} is not in (0, 1)")
     dev = resolve_device(device)
     start = time.perf_counter()
-    ckpt = open_checkpoint(path, config)
+    ckpt = open_checkpoint(path, config, revision=revision)
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
     indices = parse_layers(layers, spec.layers)
     results = []
@@ -214,7 +215,7 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     doc = {
         "schema": SCHEMA,
         "tool_version": __version__,
-        "source": {"path": str(path), "format": ckpt.format},
+        "source": source_fields(path, ckpt),
         "model": spec.as_dict(),
         "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices},
         "layers": results,
@@ -300,15 +301,27 @@ def _summary_tradeoff(results: list[dict], key: str, table: dict | None) -> dict
     return {"form": "zero-offset", "hosvd": hosvd, "gqa": gqa}
 
 
-def inspect(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None) -> dict:
+def source_fields(path, ckpt: Checkpoint) -> dict:
+    """The document's ``source``: what was asked for, the model's name, the format and,
+    for Hub models, the revision and the local snapshot read."""
+    out = {"path": str(path), "name": ckpt.name, "format": ckpt.format}
+    if ckpt.revision:
+        out["revision"] = ckpt.revision
+    if str(ckpt.path) != str(path):
+        out["local_path"] = str(ckpt.path)
+    return out
+
+
+def inspect(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
+            revision: str | None = None) -> dict:
     """What was detected: the model spec and, for the first layer, every tensor read."""
-    ckpt = open_checkpoint(path, config)
+    ckpt = open_checkpoint(path, config, revision=revision)
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
     layer0 = adapter.layer(ckpt, spec, 0)
     return {
         "schema": "tuckerctl.inspect/1",
         "tool_version": __version__,
-        "source": {"path": str(path), "format": ckpt.format, "tensors": len(ckpt.names()),
+        "source": {**source_fields(path, ckpt), "tensors": len(ckpt.names()),
                    "config": str(ckpt.config_path) if ckpt.config_path else None},
         "model": spec.as_dict(),
         "layer0": {

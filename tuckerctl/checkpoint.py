@@ -109,13 +109,17 @@ def _find_files(path: Path) -> tuple[list[Path], Path | None]:
     return files, None
 
 
-def _read_index(index: Path) -> list[Path]:
+def _read_index(index: Path, partial: bool = False) -> list[Path]:
+    """The shards an index names; with ``partial``, only those present (a Hub snapshot
+    fetched for analysis holds just the attention shards)."""
     try:
         data = json.loads(index.read_text())
         weight_map = data["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
     files = sorted({index.parent / f for f in weight_map.values()})
+    if partial:
+        return [f for f in files if f.exists()]
     for f in files:
         if not f.exists():
             raise InputError(f"{index}: missing shard {f.name}")
@@ -132,6 +136,8 @@ class Checkpoint:
     config_path: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "safetensors"
+    name: str = ""  # what people call the model (Hub id, _name_or_path, GGUF general.name)
+    revision: str | None = None
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -211,10 +217,17 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
-def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None,
+                    revision: str | None = None, attention_only: bool = True) -> Checkpoint:
     """Open a ``.safetensors`` file, a sharded directory, a directory with one file,
-    or a ``.gguf`` file. ``config`` overrides the ``config.json`` found beside it."""
-    path = Path(path)
+    a ``.gguf`` file, a Hugging Face cache folder or a Hub model id (``org/name``, at
+    ``revision``; see :mod:`tuckerctl.sources`). ``config`` overrides the
+    ``config.json`` found beside it. ``attention_only``: a Hub download may skip the
+    shards without attention tensors."""
+    from .sources import display_name, resolve
+
+    source = resolve(path, revision, attention_only)
+    path = source.path
     if path.suffix == ".gguf":
         from .gguf_reader import open_gguf  # optional dependency
 
@@ -222,7 +235,7 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     else:
         files, index = _find_files(path)
         if index is not None:
-            files = _read_index(index)
+            files = _read_index(index, source.partial)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for f in files:
@@ -239,4 +252,6 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     if config is not None:
         ckpt.config = load_config(Path(config))
         ckpt.config_path = Path(config)
+    ckpt.name = display_name(source, ckpt.config, ckpt.metadata)
+    ckpt.revision = revision
     return ckpt

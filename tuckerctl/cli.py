@@ -41,6 +41,8 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
 OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
+REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folders: branch, tag or commit "
+                        "(default main).")
 
 
 def _progress(quiet: bool, label: str):
@@ -79,7 +81,8 @@ def _energies(text: str) -> tuple[float, ...]:
 
 @app.command()
 def analyze(
-    path: Path = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, or a .gguf file."),
+    path: str = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, a .gguf file, "
+                               "a Hugging Face cache folder or a Hub model id (org/name)."),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
     kv_heads: Optional[int] = KV_HEADS,
@@ -90,6 +93,7 @@ def analyze(
     tol: Optional[float] = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 "
                                         "(default from the stored dtype)."),
     device: str = DEVICE,
+    revision: Optional[str] = REVISION,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
     quiet: bool = QUIET,
@@ -104,7 +108,8 @@ def analyze(
     callback, ctx = _progress(quiet, "analyze")
     with ctx:
         doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
-                  layers=layers, energy=_energies(energy), tol=tol, device=device, progress=callback)
+                  layers=layers, energy=_energies(energy), tol=tol, device=device, progress=callback,
+                  revision=revision)
     if not quiet:
         print_analysis(doc, err)
     emit_json(doc, json_out, output)
@@ -112,12 +117,14 @@ def analyze(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, or a .gguf file."),
+    path: str = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, a .gguf file, "
+                               "a Hugging Face cache folder or a Hub model id (org/name)."),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
     kv_heads: Optional[int] = KV_HEADS,
     head_dim: Optional[int] = HEAD_DIM,
     family: Optional[str] = FAMILY,
+    revision: Optional[str] = REVISION,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
     quiet: bool = QUIET,
@@ -129,7 +136,8 @@ def inspect(
     from .analysis import inspect as run
     from .tables import print_inspect
 
-    doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
+              revision=revision)
     if not quiet:
         print_inspect(doc, err)
     emit_json(doc, json_out, output)

@@ -88,7 +88,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     store = STORE_DTYPES[dtype]
     dev = resolve_device(device)
     start = time.perf_counter()
-    ckpt = open_checkpoint(path, config)
+    ckpt = open_checkpoint(path, config, attention_only=False)
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the expensive part
