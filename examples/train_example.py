@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tiny-gqa")
+    ap.add_argument("--save-every", type=int, default=0, metavar="N",
+                    help="also save the model every N steps to OUT/step-N/ (rank evolution across training)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -104,17 +106,23 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - t0:6.1f} s", flush=True)
+        if args.save_every and step % args.save_every == 0:
+            save(model, args.out / f"step-{step}")
 
     after = (evaluate(model, train), evaluate(model, val))
     print(f"after:  train loss {after[0]:.3f}, val loss {after[1]:.3f} "
           f"({args.steps} steps, {time.time() - t0:.0f} s)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)  # float32 safetensors + config.json
-    # No tokenizer or sampling defaults to speak of: the generation config only adds noise.
-    (args.out / "generation_config.json").unlink(missing_ok=True)
-    size = sum(f.stat().st_size for f in args.out.iterdir())
+    save(model, args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
+
+
+def save(model, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # float32 safetensors + config.json
+    # No tokenizer or sampling defaults to speak of: the generation config only adds noise.
+    (out / "generation_config.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -79,19 +79,62 @@ def _energies(text: str) -> tuple[float, ...]:
 
 # ------------------------------------------------------------------ commands
 
+SOURCES_HELP = ("Checkpoints: .safetensors files, (sharded) model directories, .gguf files, Hugging Face cache "
+                "folders or Hub model ids (org/name); globs allowed.")
+LAYERS = typer.Option(None, "--layers", help="Layers to analyse, e.g. 0,5-7 (default all).")
+ENERGY = typer.Option("0.9,0.99,0.999", "--energy", help="Energy thresholds for the energy ranks.")
+TOL = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 (default from the stored dtype).")
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Expand glob patterns the shell left alone; natural order (step-200 before step-1000)."""
+    import glob
+    import re
+
+    def natural(s: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+    out: list[str] = []
+    for s in sources:
+        if not Path(s).exists() and any(c in s for c in "*?["):
+            found = sorted(glob.glob(s), key=natural)
+            if not found:
+                raise InputError(f"{s}: no file or folder matches this pattern")
+            out.extend(found)
+        else:
+            out.append(s)
+    return out
+
+
+def _analysis_docs(sources: list[str], quiet: bool, show: bool, **options) -> list[dict]:
+    """Analyse each source in turn (printing its table unless quiet/``show`` is off)."""
+    from .analysis import analyze as run
+    from .tables import print_analysis
+
+    docs = []
+    for k, src in enumerate(sources):
+        what = src if len(sources) == 1 else f"{src} ({k + 1}/{len(sources)})"
+        callback, ctx = _progress(quiet, what)
+        with ctx:
+            docs.append(run(src, progress=callback, **options))
+        if show and not quiet:
+            if len(sources) > 1:
+                err.rule(f"{docs[-1]['source']['name']} ({src})", style="dim")
+            print_analysis(docs[-1], err)
+    return docs
+
+
 @app.command()
 def analyze(
-    path: str = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, a .gguf file, "
-                               "a Hugging Face cache folder or a Hub model id (org/name)."),
+    sources: list[str] = typer.Argument(..., help=SOURCES_HELP, show_default=False),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
     kv_heads: Optional[int] = KV_HEADS,
     head_dim: Optional[int] = HEAD_DIM,
     family: Optional[str] = FAMILY,
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to analyse, e.g. 0,5-7 (default all)."),
-    energy: str = typer.Option("0.9,0.99,0.999", "--energy", help="Energy thresholds for the energy ranks."),
-    tol: Optional[float] = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 "
-                                        "(default from the stored dtype)."),
+    layers: Optional[str] = LAYERS,
+    energy: str = ENERGY,
+    tol: Optional[float] = TOL,
     device: str = DEVICE,
     revision: Optional[str] = REVISION,
     json_out: bool = JSON,
@@ -100,18 +143,18 @@ def analyze(
 ):
     """Multilinear ranks of every layer's query-key and value-output tensors.
 
+    Several sources give one document with a "models" list (schema tuckerctl.analyses/1).
+
     Example: [bold]tuckerctl analyze model/ --layers 0-3 --json > analysis.json[/bold]
     """
-    from .analysis import analyze as run
-    from .tables import print_analysis
+    from . import __version__ as version
 
-    callback, ctx = _progress(quiet, "analyze")
-    with ctx:
-        doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
-                  layers=layers, energy=_energies(energy), tol=tol, device=device, progress=callback,
-                  revision=revision)
-    if not quiet:
-        print_analysis(doc, err)
+    paths = expand_sources(sources)
+    docs = _analysis_docs(paths, quiet, True, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                          family=family, layers=layers, energy=_energies(energy), tol=tol, device=device,
+                          revision=revision)
+    doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
+                                          "models": docs}
     emit_json(doc, json_out, output)
 
 
@@ -234,35 +277,50 @@ def verify(
 
 @app.command()
 def report(
-    source: Path = typer.Argument(..., help="An analysis JSON (from analyze --json) or a checkpoint."),
+    sources: list[str] = typer.Argument(..., help="Analysis JSONs (from analyze --json) or checkpoints (analysed "
+                                        "first, with the options below); any number, globs allowed.",
+                                        show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory."),
-    compare: Optional[Path] = typer.Option(None, "--compare", help="A second analysis JSON or checkpoint "
-                                           "to overlay."),
-    formats: str = typer.Option("png", "--format", help="Figure formats, e.g. png,svg,pdf."),
+    compare: Optional[list[str]] = typer.Option(None, "--compare", help="More analyses or checkpoints to draw "
+                                                "over the first (repeatable; the same as listing them)."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="A label per analysis, in order (repeat "
+                                              "it), e.g. --label step-1000; default: the folder names."),
+    formats: str = typer.Option("png", "--format", help="Outputs: png, svg, pdf figures and csv "
+                                "(ranks.csv), combinable: png,csv."),
+    config: Optional[Path] = CONFIG,
+    heads: Optional[int] = HEADS,
+    kv_heads: Optional[int] = KV_HEADS,
+    head_dim: Optional[int] = HEAD_DIM,
+    family: Optional[str] = FAMILY,
+    layers: Optional[str] = LAYERS,
+    energy: str = ENERGY,
+    tol: Optional[float] = TOL,
+    revision: Optional[str] = REVISION,
     device: str = DEVICE,
     quiet: bool = QUIET,
 ):
     """Rank plots and the Tucker-vs-GQA-vs-MLA trade-off, as figures + index.html + summary.md.
 
-    Example: [bold]tuckerctl report analysis.json -o report/[/bold]
-    """
-    from .report import build_report
+    Several analyses: drawn over each other (up to four), and from three on, the ranks
+    against the training step (from the folder names or --label) or the model size.
 
-    docs = [_analysis_of(p, device) for p in (source, compare) if p is not None]
+    Example: [bold]tuckerctl report run/step-*/ -o evolution/ --format png,csv[/bold]
+    """
+    from .report import build_report, load_analyses
+
+    paths = expand_sources(list(sources) + list(compare or []))
+    docs: list[dict] = []
+    for p in paths:
+        if p.endswith(".json"):
+            docs.extend(load_analyses(p))
+        else:
+            docs.extend(_analysis_docs([p], quiet, False, config=config, heads=heads, kv_heads=kv_heads,
+                                       head_dim=head_dim, family=family, layers=layers, energy=_energies(energy),
+                                       tol=tol, device=device, revision=revision))
     fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    written = build_report(docs[0], out, formats=fmts, compare=docs[1] if len(docs) > 1 else None)
+    written = build_report(docs, out, formats=fmts, labels=label or None)
     if not quiet:
         err.print(f"wrote {len(written)} files to {out}/ (open {out}/index.html)", highlight=False)
-
-
-def _analysis_of(path: Path, device: str) -> dict:
-    from .report import load_analysis
-
-    if path.suffix == ".json":
-        return load_analysis(path)
-    from .analysis import analyze as run
-
-    return run(path, device=device)
 
 
 def _version(value: bool):

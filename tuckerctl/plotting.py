@@ -33,8 +33,10 @@ MAX_HEAD_LAYERS = 6
 FAMILY_COLORS = {"Tucker": "#000000", "GQA": "#0077BB", "MLA": "#CC3311", "MHA": "#777777",
                  "model": "#EE3377"}
 MODE_COLORS = {"head": "#AA3377", "query": "#EE7733", "output": "#EE7733", "key": "#009988", "value": "#009988"}
-MODEL_STYLES = ("-", "--")  # first and second analysis in the compare mode
-GQA_MARKERS = ("D", "d")
+MODEL_STYLES = ("-", "--", ":", "-.")  # analyses A, B, C, D drawn over each other
+GQA_MARKERS = ("D", "d", "o", "s")
+TAGS = "ABCD"
+MAX_OVERLAY = len(TAGS)
 TENSOR_TITLES = {"pre": "pre-softmax W (query–key)", "post": "post-softmax W̃ (value–output)"}
 ENERGY_MARKERS = ("v", "o", "^", "s", "D")
 FIG_SIZES = {"spectra": (13.0, 7.6), "ranks": (15.0, 8.4), "tradeoff": (13.0, 6.2)}
@@ -53,13 +55,22 @@ def figure_size(name: str, analysis: dict | None = None) -> tuple[float, float]:
 
 
 def model_name(analysis: dict) -> str:
-    """Short legend name: the checkpoint's file/directory name and its architecture."""
-    path = str(analysis.get("source", {}).get("path", "")).rstrip("/\\")
-    base = os.path.basename(path) or "model"
-    if base.endswith(".safetensors") or base.endswith(".gguf"):
-        base = Path(base).stem
+    """Short legend name: what people call the model (Hub id, ``_name_or_path``, GGUF
+    ``general.name``, else the file or folder name) and its architecture."""
+    src = analysis.get("source", {})
+    base = src.get("name") or source_label(src.get("path", "")) or "model"
     m = analysis["model"]
     return f"{base} ({m['family']}, {_arch(m)})"
+
+
+def source_label(path: str) -> str:
+    """The file or folder name of a source path (a cache snapshot: the repo id)."""
+    path = str(path).rstrip("/\\")
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    base = os.path.basename(path)
+    return Path(base).stem if base.endswith((".safetensors", ".gguf")) else base
 
 
 def _arch(model: dict) -> str:
@@ -72,8 +83,8 @@ def _arch(model: dict) -> str:
 
 def _names(analyses: list[dict]) -> list[str]:
     names = [model_name(a) for a in analyses]
-    if len(names) == 2 and names[0] == names[1]:
-        names = [f"{n} [{tag}]" for n, tag in zip(names, "AB")]
+    if len(set(names)) < len(names):
+        names = [f"{n} [{tag}]" for n, tag in zip(names, TAGS)]
     return names
 
 
@@ -139,7 +150,7 @@ def fig_spectra(analyses: list[dict]) -> Figure:
                     M = layers[0][key]["modes"][mode]
                     size = max(size, M["size"])
                     ceil = max(layer[key]["modes"][mode]["ceiling"] for layer in layers)
-                    _mark_ceiling(ax, ceil, M["size"], ls, None if single else "AB"[ai])
+                    _mark_ceiling(ax, ceil, M["size"], ls, None if single else TAGS[ai])
                     sizes.append(M["size"])
                 _log_decades(ax)
                 ax.set_xlim(0, size + max(1, size * 0.02))
@@ -180,7 +191,7 @@ def _mark_ceiling(ax, ceil: int, size: int, ls: str, tag: str | None):
     """Vertical line at the rank ceiling, shading where the spectrum is structurally zero.
     ``tag``: None for a single model, "A"/"B" in the compare mode (labels stacked)."""
     ax.axvline(ceil, color="#555555", ls=":" if ls == "-" else (0, (4, 3)), lw=1.2, zorder=0)
-    y = 0.97 if tag in (None, "A") else 0.80
+    y = 0.97 - 0.17 * (TAGS.index(tag) if tag else 0)
     prefix = "" if tag is None else f"{tag}: "
     box = dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.8)
     if ceil < size:
@@ -295,10 +306,13 @@ def _draw_ceilings(ax, analyses: list[dict], key: str, mode: str, size: int):
     ymax = ax.get_ylim()[1]
     lines = []
     for i, (a, ls) in enumerate(zip(analyses, MODEL_STYLES)):
-        # Compare mode: only each model's own ceilings (all alternatives twice would be clutter).
-        for v, lab, c, own in ceiling_lines(a["model"], key, mode, size, own_only=len(analyses) > 1):
+        # Each model's ceilings from its own mode size (with two widths, the larger one
+        # would move the smaller model's ceilings). Compare mode: only each model's own
+        # ceilings (all alternatives twice would be clutter).
+        own_size = a["layers"][0][key]["modes"][mode]["size"]
+        for v, lab, c, own in ceiling_lines(a["model"], key, mode, own_size, own_only=len(analyses) > 1):
             if len(analyses) > 1:
-                tag = "model " + "AB"[i]
+                tag = "model " + TAGS[i]
                 lab = lab.replace("this model", tag) if "this model" in lab else f"{lab} ({tag})"
             if any(abs(v - w) < 1e-9 and lab == m for w, m, *_ in lines):
                 continue
@@ -435,7 +449,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
                 ax.plot([p.params], [max(p.error, floor)], ls="none", marker="*", ms=15, mew=0.8,
                         mec="black", color=FAMILY_COLORS["model"], zorder=5)
                 what = "exact, error 0" if p.error < floor else f"error {p.error:.2g}"
-                who = "this model" if len(analyses) == 1 else "model " + "AB"[i]
+                who = "this model" if len(analyses) == 1 else "model " + TAGS[i]
                 # Two models: the cheaper one is labelled on the left, so the leaders never cross.
                 left = p.params <= min(row[col].model.params for row in data) if i else \
                     p.params < max(row[col].model.params for row in data) or len(data) == 1
@@ -524,3 +538,62 @@ def _error_floor(tradeoffs) -> float:
     if not len(pos):
         return 1e-3
     return float(min(1e-2, max(1e-8, 10 ** (math.floor(math.log10(pos.min())) - 1))))
+
+
+# ----------------------------------------------------------------------------- figure 5
+
+def fig_evolution(analyses: list[dict], xs: list[float], xlabel: str, ticklabels: list[str] | None = None,
+                  log_x: bool = False) -> Figure:
+    """Effective ranks of every mode across several analyses (training steps or model sizes).
+
+    Per model and energy level, the median over layers (line) and the range over layers
+    (band); the numerical rank's median (crosses); each model's ceiling (dashed, drawn
+    through the models so that a change of width shows)."""
+    with matplotlib.rc_context(_RC):
+        fig = _figure(figure_size("ranks"))
+        axes = fig.subplots(2, 3)
+        energies = [f"{t:g}" for t in analyses[0]["settings"]["energy"]]
+        styles = _energy_styles(energies)
+        order = np.argsort(xs, kind="stable")
+        x = np.asarray(xs, dtype=float)[order]
+        runs = [analyses[i] for i in order]
+        for row, key in enumerate(TENSORS):
+            for col, mode in enumerate(MODE_NAMES[key]):
+                ax = axes[row, col]
+                color = MODE_COLORS[mode]
+                per_model = [[layer[key]["modes"][mode] for layer in a["layers"]] for a in runs]
+                for e, (amount, marker) in zip(energies, styles):
+                    ranks = [np.array([m["energy_ranks"].get(e, np.nan) for m in ms], dtype=float)
+                             for ms in per_model]
+                    c = _shade(color, amount)
+                    ax.fill_between(x, [r.min() for r in ranks], [r.max() for r in ranks], color=c, alpha=0.18,
+                                    lw=0)
+                    ax.plot(x, [np.median(r) for r in ranks], color=c, marker=marker, ms=4.5, lw=1.5)
+                ax.plot(x, [np.median([m["numerical_rank"] for m in ms]) for ms in per_model], color="#222222",
+                        ls="none", marker="x", ms=6, mew=1.0, zorder=3)
+                ceilings = [max(m["ceiling"] for m in ms) for ms in per_model]
+                sizes = [ms[0]["size"] for ms in per_model]
+                ax.plot(x, ceilings, color=FAMILY_COLORS["model"], ls=(0, (5, 3)), lw=1.4, drawstyle="steps-mid")
+                ax.plot(x, sizes, color=FAMILY_COLORS["MHA"], ls=":", lw=1.0, drawstyle="steps-mid")
+                ax.set_ylim(0, max(sizes) * 1.08)
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+                if log_x:
+                    ax.set_xscale("log")
+                    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count_label(v)))
+                if ticklabels is not None:
+                    ax.set_xticks(x, [ticklabels[i] for i in order], rotation=30, ha="right", fontsize=7)
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.set_title(f"{TENSOR_TITLES[key].split(' (')[0]} · {mode} mode (size {_sizes(sizes)})")
+                if row == 1:
+                    ax.set_xlabel(xlabel)
+                if col == 0:
+                    ax.set_ylabel("rank (median over layers; band: range)")
+        handles = [Line2D([], [], color=_shade("#666666", a), marker=m, ms=5, lw=1.4, label=f"energy rank r({e})")
+                   for e, (a, m) in zip(energies, styles)]
+        handles += [Line2D([], [], color="#222222", ls="none", marker="x", ms=6, label="numerical rank (median)"),
+                    Line2D([], [], color=FAMILY_COLORS["model"], ls=(0, (5, 3)), lw=1.4,
+                           label="rank ceiling of the architecture"),
+                    Line2D([], [], color=FAMILY_COLORS["MHA"], ls=":", lw=1.0, label="mode size")]
+        fig.suptitle(f"Effective ranks across {len(runs)} analyses", fontsize=11)
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        return fig

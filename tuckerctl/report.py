@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
@@ -24,6 +25,7 @@ from .io import atomic_write
 from .pareto import MODE_NAMES, TENSORS
 
 SCHEMA = "tuckerctl.analysis/2"
+SET_SCHEMA = "tuckerctl.analyses/1"  # several analyses in one document: {"models": [...]}
 FORMATS = ("png", "svg", "pdf")
 ATTENTIONS = ("MHA", "GQA", "MQA", "MLA")
 
@@ -46,6 +48,13 @@ FIGURES = {
         "Cosine similarity of the head slices, ⟨W[h], W[h′]⟩ / (‖W[h]‖ ‖W[h′]‖), of the pre- and "
         "post-softmax tensors, and the head-mode spectrum, for up to six evenly spread layers. Similar "
         "heads and a fast-falling head spectrum mean the head mode compresses (r1 < H)."),
+    "fig5-evolution": (
+        "Effective ranks across analyses",
+        "Energy ranks r(τ) of every mode against the training step (read from the folder names or --label), "
+        "or against the model size: per analysis, the median over layers (line) and the range over layers "
+        "(band), the numerical rank's median (crosses), the rank ceiling of each model's architecture "
+        "(dashed) and the mode size (dotted). Ranks that climb to the ceiling during training mean the "
+        "model grows into all the rank its architecture allows."),
     "fig4-tradeoff": (
         "Error against parameters: Tucker, MLA- and GQA-shaped formats",
         "Relative error of truncating each tensor (the same ranks in every layer) against the parameters a "
@@ -212,9 +221,24 @@ def _check_tradeoff(c: _Checker, summary: dict) -> None:
             c.num(g, "error_best", f"{p}.gqa[{i}].error_best")
 
 
+def load_analyses(path) -> list[dict]:
+    """Read an analysis JSON: one document, or several (``tuckerctl.analyses/1``, written
+    by ``analyze A B C --json``), each validated."""
+    doc = _read_json(Path(path))
+    if isinstance(doc, dict) and doc.get("schema") == SET_SCHEMA:
+        models = doc.get("models")
+        if not isinstance(models, list) or not models:
+            raise InputError(f"{path}: field 'models' must be a non-empty list of analyses")
+        return [validate_analysis(m, f"{path}: models[{i}]") for i, m in enumerate(models)]
+    return [validate_analysis(doc, str(path))]
+
+
 def load_analysis(path) -> dict:
     """Read and validate an analysis JSON file (schema ``tuckerctl.analysis/2``)."""
-    path = Path(path)
+    return validate_analysis(_read_json(Path(path)), str(path))
+
+
+def _read_json(path: Path):
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -225,56 +249,163 @@ def load_analysis(path) -> dict:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return validate_analysis(doc, str(path))
+    return doc
 
 
 # ----------------------------------------------------------------------------- report
 
-def build_report(analysis: dict, out_dir: Path, formats: Sequence[str] = ("png",),
-                 compare: dict | None = None) -> list[Path]:
-    """Write figures, ``summary.md`` and ``index.html`` for ``analysis`` into ``out_dir``.
+_STEP = re.compile(r"(?i)(?:^|[^a-z])(?:global[-_]?step|step|checkpoint|ckpt|iter(?:ation)?|it)[-_=]?"
+                   r"(\d+(?:\.\d+)?)([km]?)(?![\d.])")
+_NUMBER = re.compile(r"(?i)^(\d+(?:\.\d+)?)([km]?)$")
 
-    ``formats``: any of "png", "svg", "pdf" (PNG at 150 dpi). ``compare``: a second
-    analysis drawn over the first (solid vs dashed). Returns the written files."""
+
+def training_step(label: str) -> float | None:
+    """The training step in a label or folder name: ``step-1000``, ``checkpoint-2000``,
+    ``global_step3k``, ``iter_500``, or a bare number (``1000``, ``2k``); else None."""
+    m = _STEP.search(label) or _NUMBER.match(label.strip())
+    if not m:
+        return None
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+
+
+def series_axis(analyses: Sequence[dict], labels: Sequence[str]) -> tuple[list[float], str, list[str] | None, bool]:
+    """x values for the evolution figure: (xs, axis label, tick labels or None, log x).
+
+    Training steps when every label holds a distinct one; else the model size (the
+    attention parameters of the whole model) when those differ; else the order given."""
+    steps = [training_step(label) for label in labels]
+    if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+        return steps, "training step", None, False
+    sizes = [attention_params(a) for a in analyses]
+    if len(set(sizes)) == len(sizes):
+        return sizes, "attention parameters of the whole model (log scale)", list(labels), True
+    return list(range(len(labels))), "analysis", list(labels), False
+
+
+def attention_params(a: dict) -> float:
+    """Attention parameters of the whole model, scaled up from the analysed layers."""
+    per_layer = [layer["params"]["original"] for layer in a["layers"]]
+    return sum(per_layer) / len(per_layer) * a["model"]["layers"]
+
+
+def default_labels(analyses: Sequence[dict]) -> list[str]:
+    """One label per analysis: the source's folder or file name (where a training step
+    usually is), the revision of a Hub model, else the model's name."""
+    from .plotting import source_label
+
+    out = []
+    for a in analyses:
+        src = a.get("source", {})
+        label = source_label(src.get("path", "")) or src.get("name") or "model"
+        if src.get("revision"):
+            label += f"@{src['revision']}"
+        out.append(label)
+    return out
+
+
+def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
+                 compare: dict | None = None, labels: Sequence[str] | None = None) -> list[Path]:
+    """Write figures, ``summary.md``, ``index.html`` (and ``ranks.csv``) into ``out_dir``.
+
+    ``analysis``: one analysis document or a list of them. ``compare``: another one,
+    appended to the list. ``formats``: any of "png", "svg", "pdf" (PNG at 150 dpi) and
+    "csv" (every per-layer, per-mode number in one long table). With two to four
+    analyses, figures 1, 2 and 4 draw them over each other (solid, dashed, dotted,
+    dash-dotted); with more, the first and the last. With three or more, figure 5
+    draws the ranks against the training step (read from ``labels``, by default the
+    folder names), or the model size. Returns the written files."""
     from . import plotting  # matplotlib is imported only when a report is built
 
-    formats = tuple(dict.fromkeys(str(f).lower().lstrip(".") for f in formats))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(FORMATS)}")
-    validate_analysis(analysis, "analysis")
+    analyses = list(analysis) if isinstance(analysis, (list, tuple)) else [analysis]
     if compare is not None:
-        validate_analysis(compare, "compare")
+        analyses.append(compare)
+    formats = tuple(dict.fromkeys(str(f).lower().lstrip(".") for f in formats))
+    bad = [f for f in formats if f not in FORMATS + ("csv",)]
+    if bad or not formats:
+        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(FORMATS + ('csv',))}")
+    figure_formats = tuple(f for f in formats if f != "csv")
+    if not analyses:
+        raise InputError("report: no analysis given")
+    for i, a in enumerate(analyses):
+        validate_analysis(a, "analysis" if i == 0 else ("compare" if len(analyses) == 2 else f"analysis {i + 1}"))
+    labels = list(labels) if labels else default_labels(analyses)
+    if len(labels) != len(analyses):
+        raise InputError(f"--label: {len(labels)} labels for {len(analyses)} analyses (give one per analysis)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
 
-    pair = [analysis] + ([compare] if compare is not None else [])
-    builders = {"fig1-spectra": lambda: plotting.fig_spectra(pair),
-                "fig2-ranks": lambda: plotting.fig_ranks(pair),
-                "fig3-heads": lambda: plotting.fig_heads(analysis),
-                "fig4-tradeoff": lambda: plotting.fig_tradeoff(pair)}
-    if compare is not None:
-        builders["fig3-heads-compare"] = lambda: plotting.fig_heads(compare)
+    shown = analyses if len(analyses) <= plotting.MAX_OVERLAY else [analyses[0], analyses[-1]]
+    builders = {"fig1-spectra": lambda: plotting.fig_spectra(shown),
+                "fig2-ranks": lambda: plotting.fig_ranks(shown),
+                "fig3-heads": lambda: plotting.fig_heads(shown[0]),
+                "fig4-tradeoff": lambda: plotting.fig_tradeoff(shown)}
+    if len(shown) == 2:
+        builders["fig3-heads-compare"] = lambda: plotting.fig_heads(shown[1])
+    if len(analyses) >= 3:
+        xs, xlabel, ticks, log_x = series_axis(analyses, labels)
+        builders["fig5-evolution"] = lambda: plotting.fig_evolution(analyses, xs, xlabel, ticks, log_x)
 
     written: list[Path] = []
-    for stem, build in builders.items():
+    for stem, build in (builders.items() if figure_formats else ()):
         fig = build()
-        for fmt in formats:
+        for fmt in figure_formats:
             target = out_dir / f"{stem}.{fmt}"
             meta = {"png": {"Software": f"tuckerctl {__version__}"}, "svg": {"Date": None},
                     "pdf": {"Creator": f"tuckerctl {__version__}"}}[fmt]
             atomic_write(target, lambda tmp, fig=fig, fmt=fmt, meta=meta: _save(fig, tmp, fmt, meta, plotting.DPI))
             written.append(target)
             fig.set_layout_engine("none")  # laid out once; further formats reuse the positions
-    stems = list(builders)
+    if "csv" in formats:
+        target = out_dir / "ranks.csv"
+        _write_text(target, ranks_csv(analyses, labels))
+        written.append(target)
+    stems = list(builders) if figure_formats else []
+    pair = shown
     tradeoffs = [{key: pareto.tradeoff(a, key) for key in TENSORS} for a in pair]
     names = plotting._names(pair)
     md = out_dir / "summary.md"
-    _write_text(md, _markdown(pair, names, tradeoffs, stems, formats))
+    _write_text(md, _markdown(pair, names, tradeoffs, stems, figure_formats))
     page = out_dir / "index.html"
-    _write_text(page, _html(pair, names, tradeoffs, stems, formats))
+    _write_text(page, _html(pair, names, tradeoffs, stems, figure_formats))
     return written + [md, page]
+
+
+CSV_COLUMNS = ("model", "label", "step", "layer", "tensor", "mode", "size", "ceiling", "numerical_rank")
+
+
+def ranks_csv(analyses: Sequence[dict], labels: Sequence[str]) -> str:
+    """Every per-layer, per-mode number as one long CSV table (one row per model, layer,
+    tensor and mode): ranks, ceiling, entropy and stable rank, sigma_1 and the layer's
+    parameter counts. Loads with ``pandas.read_csv`` as it is."""
+    import csv
+    import io
+
+    energies = list(dict.fromkeys(f"{e:g}" for a in analyses for e in a["settings"]["energy"]))
+    header = list(CSV_COLUMNS) + [f"energy_rank_{e}" for e in energies] + \
+        ["entropy_rank", "stable_rank", "sigma_1", "params_original", "params_tucker_0.99"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for a, label in zip(analyses, labels):
+        name = a.get("source", {}).get("name") or label
+        step = training_step(label)
+        for layer in a["layers"]:
+            p = layer["params"]
+            for key in TENSORS:
+                for mode in MODE_NAMES[key]:
+                    M = layer[key]["modes"][mode]
+                    sv = M["singular_values"]
+                    w.writerow([name, label, "" if step is None else f"{step:g}", layer["index"], key, mode,
+                                M["size"], M["ceiling"], M["numerical_rank"]]
+                               + [M["energy_ranks"].get(e, "") for e in energies]
+                               + [_num(M.get("entropy_rank")), _num(M.get("stable_rank")), _num(sv[0] if sv else 0.0),
+                                  p["original"], p.get("tucker_0.99", "")])
+    return buf.getvalue()
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{float(v):.9g}"
 
 
 def _readable(tmp: Path) -> None:
@@ -393,8 +524,9 @@ def _figure_list(stems: list[str], names: list[str]) -> list[tuple[str, str, str
         title, caption = FIGURES[base]
         if base == "fig3-heads" and len(names) > 1:
             title += f" — {names[1] if stem.endswith('compare') else names[0]}"
-        elif len(names) > 1:
-            caption += f" Solid: {names[0]} (model A); dashed: {names[1]} (model B)."
+        elif len(names) > 1 and base != "fig5-evolution":
+            caption += " " + "; ".join(f"{style}: {n} (model {tag})" for style, n, tag in
+                                       zip(("Solid", "dashed", "dotted", "dash-dotted"), names, "ABCD")) + "."
         out.append((stem, title, caption))
     return out
 
@@ -410,12 +542,12 @@ def _md_table(header, rows) -> list[str]:
 
 
 def _markdown(pair, names, tradeoffs, stems, formats) -> str:
-    title = names[0] if len(pair) == 1 else f"{names[0]} vs {names[1]}"
+    title = " vs ".join(names)
     lines = [f"# tuckerctl report: {title}", "",
              f"Written by tuckerctl {__version__} from analysis schema `{SCHEMA}`. "
              "Rank cells read `r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling`.", ""]
     for i, (a, name, t) in enumerate(zip(pair, names, tradeoffs)):
-        tag = "" if len(pair) == 1 else f" {'AB'[i]}"
+        tag = "" if len(pair) == 1 else f" {'ABCD'[i]}"
         lines += [f"## Model{tag}: {name}", ""]
         lines += _md_table(["field", "value"], _model_rows(a)) + [""]
         for note in a["model"].get("notes", []):
@@ -460,7 +592,7 @@ def _html_table(header, rows, cls: str = "") -> str:
 
 def _html(pair, names, tradeoffs, stems, formats) -> str:
     e = html.escape
-    title = names[0] if len(pair) == 1 else f"{names[0]} vs {names[1]}"
+    title = " vs ".join(names)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>tuckerctl report: {e(title)}</title><style>{_CSS}</style></head><body>",
@@ -468,7 +600,7 @@ def _html(pair, names, tradeoffs, stems, formats) -> str:
              f"<p class=\"meta\">Written by tuckerctl {e(__version__)} from analysis schema <code>{SCHEMA}</code>. "
              "Rank cells read <code>r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling</code>.</p>"]
     for i, (a, name, t) in enumerate(zip(pair, names, tradeoffs)):
-        tag = "" if len(pair) == 1 else f" {'AB'[i]}"
+        tag = "" if len(pair) == 1 else f" {'ABCD'[i]}"
         parts.append(f"<h2>Model{tag}: {e(name)}</h2>")
         parts.append(_html_table(["field", "value"], _model_rows(a), "kv"))
         parts += [f"<p class=\"note\">note: {e(n)}</p>" for n in a["model"].get("notes", [])]
