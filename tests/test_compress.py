@@ -76,7 +76,7 @@ def source_layers(path):
 @pytest.mark.parametrize("kind", MODELS)
 def test_full_rank_compression_is_exact(kind, tmp_path):
     src = MODELS[kind](tmp_path / "src")
-    compress(src, tmp_path / "out", ranks="1000,100000,100000", hooi_iters=0, device="cpu")
+    compress(src, tmp_path / "out", structure="tucker", ranks="1000,100000,100000", hooi_iters=0, device="cpu")
     tk = tuckerctl.load(tmp_path / "out")
     for layer, t in zip(source_layers(src), tk):
         assert dense_error(layer.pre, t.pre_core, t.pre_factors) <= 1e-6
@@ -87,7 +87,7 @@ def test_full_rank_compression_is_exact(kind, tmp_path):
 def test_gqa_at_its_ceilings_is_exact(tmp_path):
     src = make_llama(tmp_path / "src", heads=8, kv_heads=2, head_dim=8, d=48)
     # key ceiling G*d_h = 16: exact although 16 < d = 48
-    info = compress(src, tmp_path / "out", ranks="8,48,16", device="cpu", hooi_iters=0)
+    info = compress(src, tmp_path / "out", structure="tucker", ranks="8,48,16", device="cpu", hooi_iters=0)
     assert info["summary"]["max_rel_error"] <= 1e-7
     res = verify(tmp_path / "out", src, device="cpu")
     assert res["max_rel_error"] <= 1e-6 and res["passed"]
@@ -96,7 +96,7 @@ def test_gqa_at_its_ceilings_is_exact(tmp_path):
 @pytest.mark.parametrize("kind", ["GQA-bias", "MHA", "MLA"])
 def test_low_rank_reported_error_equals_dense_and_hooi_helps(kind, tmp_path):
     src = MODELS[kind](tmp_path / "src")
-    info = compress(src, tmp_path / "out", ranks="3,12,6", hooi_iters=3, device="cpu")
+    info = compress(src, tmp_path / "out", structure="tucker", ranks="3,12,6", hooi_iters=3, device="cpu")
     tk = tuckerctl.load(tmp_path / "out")
     for layer, t, rec in zip(source_layers(src), tk, info["layers"]):
         for key, core, fs in (("pre", t.pre_core, t.pre_factors), ("post", t.post_core, t.post_factors)):
@@ -112,7 +112,7 @@ def test_low_rank_reported_error_equals_dense_and_hooi_helps(kind, tmp_path):
 
 def test_verify_weight_errors_match_dense(tmp_path):
     src = make_llama(tmp_path / "src", bias=True)
-    compress(src, tmp_path / "out", ranks="4,20,10", device="cpu")
+    compress(src, tmp_path / "out", structure="tucker", ranks="4,20,10", device="cpu")
     res = verify(tmp_path / "out", src, device="cpu", tokens=32)
     tk = tuckerctl.load(tmp_path / "out")
     for layer, t, row in zip(source_layers(src), tk, res["layers"]):
@@ -123,7 +123,7 @@ def test_verify_weight_errors_match_dense(tmp_path):
 
 def test_energy_ranks_follow_the_spectra(tmp_path):
     src = make_llama(tmp_path / "src")
-    info = compress(src, tmp_path / "out", energy=0.9, device="cpu", hooi_iters=0)
+    info = compress(src, tmp_path / "out", structure="tucker", energy=0.9, device="cpu", hooi_iters=0)
     from tuckerctl.ranks import energy_rank
 
     for layer, rec in zip(source_layers(src), info["layers"]):
@@ -133,7 +133,7 @@ def test_energy_ranks_follow_the_spectra(tmp_path):
 
 def test_params_budget_is_met_within_one_rank_step(tmp_path):
     src = make_llama(tmp_path / "src", layers=3)
-    info = compress(src, tmp_path / "out", params=0.25, device="cpu", hooi_iters=1)
+    info = compress(src, tmp_path / "out", structure="tucker", params=0.25, device="cpu", hooi_iters=1)
     budget = 0.25 * info["summary"]["params_original"]
     assert info["summary"]["params_tucker"] <= budget
     # No single rank step of any mode still fits: the budget is used up to one step.
@@ -162,7 +162,7 @@ def test_allocation_prefers_energy_and_respects_budget():
 
 def test_checkpoint_format_and_metadata(tmp_path):
     src = make_llama(tmp_path / "src", bias=True)
-    compress(src, tmp_path / "out", ranks="4,20,10", device="cpu")
+    compress(src, tmp_path / "out", structure="tucker", ranks="4,20,10", device="cpu")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -244,7 +244,7 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch):
     from tuckerctl import tucker_format
 
     src = make_llama(tmp_path / "src")
-    compress(src, tmp_path / "out", ranks="4,20,8", device="cpu")
+    compress(src, tmp_path / "out", structure="tucker", ranks="4,20,8", device="cpu")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
 
     def boom(*a, **k):
@@ -252,7 +252,7 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tucker_format, "_write_shard", boom)
     with pytest.raises(KeyboardInterrupt):
-        compress(src, tmp_path / "out", ranks="2,10,4", device="cpu", overwrite=True)
+        compress(src, tmp_path / "out", structure="tucker", ranks="2,10,4", device="cpu", overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         compress(src, tmp_path / "new", ranks="2,10,4", device="cpu")
     assert not (tmp_path / "new").exists()
@@ -262,7 +262,7 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch):
 
 def test_load_api(tmp_path):
     src = make_llama(tmp_path / "src", bias=True)
-    compress(src, tmp_path / "out", ranks="4,20,8", device="cpu")
+    compress(src, tmp_path / "out", structure="tucker", ranks="4,20,8", device="cpu")
     tk = tuckerctl.load(tmp_path / "out")
     assert tk.layers == [0, 1] and tk.spec["family"] == "llama"
     layer = tk[1]

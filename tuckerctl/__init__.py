@@ -1,7 +1,8 @@
 """tuckerctl: measure and compress transformer attention weights with Tucker decompositions.
 
 Library entry points: :func:`tuckerctl.analysis.analyze`, :func:`load` (compressed
-checkpoints) and :class:`tuckerctl.nn.TuckerAttention`.
+checkpoints), :func:`patch` (run one inside a transformers model) and
+:class:`tuckerctl.nn.TuckerAttention`.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,13 @@ def load(path):
     from .tucker_format import load as _load
 
     return _load(path)
+
+
+def patch(model, path, layers=None):
+    """Run a compressed checkpoint inside a loaded transformers model (see :mod:`tuckerctl.patching`)."""
+    from .patching import patch as _patch
+
+    return _patch(model, path, layers=layers)
 
 
 def __getattr__(name):

@@ -199,7 +199,11 @@ def compress(
     params: Optional[float] = typer.Option(None, "--params", help="Fraction of the attention parameters to "
                                            "keep; ranks allocated across layers and modes."),
     hooi_iters: int = typer.Option(2, "--hooi-iters", help="HOOI sweeps after the truncated HOSVD."),
-    dtype: str = typer.Option("float32", "--dtype", help="Stored factor dtype: float32, bfloat16, float16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored factor dtype: float32, bfloat16, float16 "
+                                        "(default: the source's; float32 for float32/fp8/quantised sources)."),
+    structure: str = typer.Option("auto", "--structure", help="Query-key structure: qk-input (exact with the "
+                                  "model's own RoPE; the default for RoPE models), tucker (3-mode, heads mixed; "
+                                  "the default otherwise; on RoPE models it needs latent RoPE, an approximation)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Verify the written checkpoint."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="With the check: exit 1 when a "
                                               "layer's relative weight error exceeds this."),
@@ -226,7 +230,8 @@ def compress(
     callback, ctx = _progress(quiet, "compress")
     with ctx:
         doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
-                  hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, config=config,
+                  hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, structure=structure,
+                  config=config,
                   heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family, progress=callback)
     if not quiet:
         print_compress(doc, out, err)

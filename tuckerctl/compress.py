@@ -22,9 +22,59 @@ from .device import resolve_device
 from .errors import InputError
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .ranks import tucker_params
-from .tucker_format import PARTS, SCHEMA, TENSOR_PREFIX, content_hash, factor_name, write_checkpoint
+from .tucker_format import (
+    PARTS,
+    QK_INPUT,
+    QK_INPUT_PARTS,
+    SCHEMA,
+    TENSOR_PREFIX,
+    TUCKER,
+    content_hash,
+    factor_name,
+    write_checkpoint,
+)
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Safetensors dtype of the source -> the factors' default stored dtype ("same as the source").
+_SOURCE_STORE = {"BF16": "bfloat16", "F16": "float16"}
+STRUCTURES = {"auto": None, "qk-input": QK_INPUT, "tucker": TUCKER}
+
+
+def choose_structure(spec, structure: str) -> str:
+    """``auto``: ``qk_input`` for RoPE families (the only structure their own RoPE runs
+    exactly, docs/format), ``tucker`` otherwise. MLA keeps ``tucker``: its pre-softmax
+    tensor mixes the nope and rope parts through shared latents."""
+    if structure not in STRUCTURES:
+        raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
+    chosen = STRUCTURES[structure]
+    if spec.attention == "MLA":
+        if chosen == QK_INPUT:
+            raise InputError("--structure qk-input: not available for MLA models (their RoPE split is kept "
+                             "in the tucker structure)")
+        return TUCKER
+    if chosen is None:
+        return QK_INPUT if spec.rope else TUCKER
+    return chosen
+
+
+def qk_input_params(shape, ranks, heads: int, groups: int, head_dim: int) -> int:
+    """Numbers in the qk_input structure: U2, U3 and the per-head/per-group coordinates."""
+    _, m, n = shape
+    _, r2, r3 = ranks
+    return m * r2 + n * r3 + heads * r2 * head_dim + groups * r3 * head_dim
+
+
+def _spectra_for_allocation(stack, spectra, structure: str, head_dim: int) -> TensorSpectra:
+    """What the allocator sees of one tensor. For ``qk_input`` the head mode is not
+    truncated and the parameters are ``(m + H d_h) r2 + (n + G d_h) r3``: presented as a
+    one-value head spectrum on widened left/right modes, whose Tucker count
+    ``r2 r3 + H + (m + H d_h) r2 + (n + G d_h) r3`` bounds it from above (the budget holds)."""
+    sig = tuple(x.cpu().tolist() for x in spectra)
+    if structure != QK_INPUT:
+        return TensorSpectra(stack.shape, sig)
+    H, m, n = stack.shape
+    return TensorSpectra((H, m + H * head_dim, n + stack.groups * head_dim),
+                         ([sum(v * v for v in sig[0]) ** 0.5], sig[1], sig[2]))
 
 
 def parse_ranks(text: str | None, option: str) -> tuple[int, int, int] | None:
@@ -52,7 +102,7 @@ def _validate(ranks, ranks_post, energy, params):
         raise InputError(f"--params: {params} is not in (0, 1] (a fraction of the attention parameters)")
 
 
-def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress):
+def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure):
     """Pass 1 for --params: spectra of every tensor, then a global allocation."""
     tensors, original = [], 0
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
@@ -60,7 +110,8 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress):
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
             s = mode_spectra(reduce(stack))
-            tensors.append(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)))
+            tensors.append(_spectra_for_allocation(stack, s, structure if key == "pre" else TUCKER,
+                                                   spec.head_dim))
         if progress:
             progress(k + 1, 2 * len(indices))
     budget = int(params * original)
@@ -71,38 +122,70 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress):
     return {(i, key): chosen[2 * j + (key == "post")] for j, i in enumerate(indices) for key in ("pre", "post")}
 
 
+def _qk_input(layer, stack, want, hooi_iters, store):
+    """The qk_input structure of one layer's pre tensor: the input-side subspaces U2, U3
+    of a Tucker fit with the head mode kept whole (so the reported error is exactly
+    ||W - U2 U2^T W U3 U3^T|| / ||W||), and each head's/group's coordinates in them,
+    taken from the un-gained factors (the model's qk-norm runs on those)."""
+    H = stack.heads
+    got = clamp_ranks(stack, (H, want[1], want[2]))
+    t = tucker(stack, got, hooi_iters=hooi_iters)
+    _, U2, U3 = t.factors
+    raw = (layer.pre_ungained or layer.pre).to(device=U2.device, dtype=U2.dtype)
+    if raw.left_basis is not None or raw.right_basis is not None:
+        raise InputError("--structure qk-input needs per-head query/key factors (not MLA latents)")
+    tensors = dict(zip(QK_INPUT_PARTS, (U2, U3, U2.T @ raw.left, U3.T @ raw.right)))
+    if layer.qk_gains is not None:
+        tensors["query_gain"], tensors["key_gain"] = (g.to(U2) for g in layer.qk_gains)
+    out = {k: v.to(store).cpu().contiguous() for k, v in tensors.items()}
+    return t, got, out
+
 def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = None,
              energy: float | None = None, params: float | None = None, hooi_iters: int = 2,
-             device: str = "auto", dtype: str = "float32", overwrite: bool = False,
-             config=None, heads=None, kv_heads=None, head_dim=None, family=None,
+             device: str = "auto", dtype: str | None = None, overwrite: bool = False,
+             structure: str = "auto", config=None, heads=None, kv_heads=None, head_dim=None, family=None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress ``path`` into the directory ``out``; returns the compression record
-    (also stored as the checkpoint's ``tuckerctl`` metadata)."""
+    (also stored as the checkpoint's ``tuckerctl`` metadata).
+
+    ``dtype``: stored factor dtype; None = the source's (bf16/fp16 in, same out; float32
+    for float32, fp8 and quantised GGUF sources). ``structure``: ``auto`` | ``qk-input`` |
+    ``tucker`` for the pre-softmax tensor (see :func:`choose_structure`)."""
     fixed_pre = parse_ranks(ranks, "--ranks")
     fixed_post = parse_ranks(ranks_post, "--ranks-post") or fixed_pre
     _validate(fixed_pre, ranks_post, energy, params)
     if hooi_iters < 0:
         raise InputError(f"--hooi-iters: {hooi_iters} is negative")
-    if dtype not in STORE_DTYPES:
+    if dtype is not None and dtype not in STORE_DTYPES:
         raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(STORE_DTYPES)}")
-    store = STORE_DTYPES[dtype]
+    if structure not in STRUCTURES:
+        raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
     dev = resolve_device(device)
     start = time.perf_counter()
     ckpt = open_checkpoint(path, config, attention_only=False)
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    kind = choose_structure(spec, structure)
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the expensive part
         raise InputError(f"{out}: already exists (use --overwrite to replace it)")
     indices = list(range(spec.layers))
     steps = len(indices) * (3 if params is not None else 1)
     budget = _budget_ranks(adapter, ckpt, spec, indices, params, dev,
-                           (lambda d, t: progress(d, steps)) if progress else None) if params is not None else None
+                           (lambda d, t: progress(d, steps)) if progress else None,
+                           kind) if params is not None else None
     factors: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     records, notes = [], []
+    store = None
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
-        rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors}
-        replaced.update(layer.tensors)
+        if store is None:
+            dtype = dtype or _SOURCE_STORE.get(ckpt.dtype(layer.tensors[0]), "float32")
+            store = STORE_DTYPES[dtype]
+        rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors,
+               "structure": kind}
+        # qk_input keeps the model's own qk-norm modules: their tensors stay in the output.
+        replaced.update(n for n in layer.tensors if not (kind == QK_INPUT and n.endswith(("q_norm.weight",
+                                                                                          "k_norm.weight"))))
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
             if budget is not None:
@@ -112,14 +195,20 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
                 want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
             else:
                 want = fixed_pre if key == "pre" else fixed_post
-            got = clamp_ranks(stack, want)
+            if key == "pre" and kind == QK_INPUT:
+                t, got, tensors = _qk_input(layer, stack, want, hooi_iters, store)
+                want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
+                count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
+            else:
+                got = clamp_ranks(stack, want)
+                t = tucker(stack, got, hooi_iters=hooi_iters)
+                tensors = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
+                count = tucker_params(stack.shape, t.ranks)
             if tuple(got) != tuple(want):
                 notes.append(f"layer {layer.index} {key}: ranks {list(want)} clamped to the mode ceilings {list(got)}")
-            t = tucker(stack, got, hooi_iters=hooi_iters)
-            for part, tensor in zip(PARTS[key], [t.core, *t.factors]):
-                factors[factor_name(layer.index, key, part)] = tensor.to(store).cpu().contiguous()
-            rec[key] = {"shape": list(stack.shape), "ranks": list(t.ranks), "rel_error": t.rel_error,
-                        "rel_error_hosvd": t.errors[0], "params": tucker_params(stack.shape, t.ranks)}
+            factors.update({factor_name(layer.index, key, part): x for part, x in tensors.items()})
+            rec[key] = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
+                        "rel_error_hosvd": t.errors[0], "params": count}
         if layer.out_bias is not None:
             factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
         records.append(rec)
@@ -130,30 +219,48 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         notes = notes[:3] + [f"... and {len(notes) - 3} more clamped tensors"]
     original = sum(r["params_original"] for r in records)
     compressed = sum(r[k]["params"] for r in records for k in ("pre", "post"))
+    warnings = []
+    if compressed > original:
+        warnings.append(f"the compressed attention has MORE parameters than the original "
+                        f"({compressed:,} vs {original:,}, ratio {compressed / original:.2f}): lower the ranks, "
+                        f"--energy or use --params")
+    elem = torch.empty((), dtype=store).element_size()
+    kv_orig = _kv_cache(spec)
+    kv_layers = [r["pre"]["ranks"][2] + r["post"]["ranks"][2] for r in records]
     info = {
         "schema": SCHEMA,
         "tool_version": __version__,
         "source": {"path": str(path), "format": ckpt.format, "sha256": content_hash(ckpt, sorted(replaced))},
         "model": spec.as_dict(),
+        "structure": kind,
         "flags": {
-            "latent_rope_needed": spec.rope,
+            "latent_rope_needed": spec.rope and kind == TUCKER,
             "qk_norm": spec.qk_norm,
+            **({"qk_norm_eps": float((ckpt.config or {}).get("rms_norm_eps", 1e-6))} if spec.qk_norm else {}),
             **{k: spec.extras[k] for k in ("softcap", "alibi", "clip_qkv", "causal") if k in spec.extras},
         },
         "settings": {"ranks": list(fixed_pre) if fixed_pre else None,
                      "ranks_post": list(fixed_post) if fixed_post else None,
                      "energy": energy, "params": params, "hooi_iters": hooi_iters, "dtype": dtype,
-                     "device": str(dev)},
+                     "structure": kind, "device": str(dev)},
         "layers": records,
         "summary": {"params_original": original, "params_tucker": compressed,
                     "ratio": compressed / original if original else None,
                     "max_rel_error": max(max(r["pre"]["rel_error"], r["post"]["rel_error"]) for r in records),
                     "kv_cache_per_token": {
-                        "original": _kv_cache(spec),
-                        "tucker_max": max(r["pre"]["ranks"][2] + r["post"]["ranks"][2] for r in records)}},
+                        "original": kv_orig,
+                        "tucker_max": max(kv_layers),
+                        "original_all_layers": kv_orig * len(records),
+                        "tucker_all_layers": sum(kv_layers),
+                        "bytes_original_all_layers": kv_orig * len(records) * elem,
+                        "bytes_tucker_all_layers": sum(kv_layers) * elem,
+                        "dtype": dtype}},
+        "warnings": warnings,
         "notes": notes + ([
-            "RoPE model: the factors hold the zero-offset (content) bilinear forms; running them needs latent "
-            "RoPE, which changes the positional kernel (fine-tune after compressing)"] if spec.rope else []),
+            "RoPE model in the tucker structure: the factors hold the zero-offset (content) bilinear forms; "
+            "running them needs latent RoPE, an APPROXIMATION that changes the positional kernel (fine-tune "
+            "after compressing); --structure qk-input runs the model's own RoPE exactly"]
+            if spec.rope and kind == TUCKER and spec.attention != "MLA" else []),
     }
     if ckpt.format != "safetensors":
         info["notes"].append(f"{ckpt.format} source: only the attention factors are written, "

@@ -5,12 +5,29 @@ Layout of an output directory::
     config.json                     copied from the source
     model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json (> 5 GB)
 
-Tensors (float32 unless ``--dtype`` says otherwise), for every compressed layer ``i``::
+Tensors (in the source's dtype unless ``--dtype`` says otherwise), for every compressed
+layer ``i``. The pre-softmax (query-key) tensor ``W`` is stored in one of two structures,
+recorded per layer as ``"structure"`` in the metadata:
 
-    tucker.layers.{i}.pre.core    (r1, r2, r3)    pre-softmax (query-key) tensor W
+``tucker`` (3-mode Tucker, heads mixed through the core; exact only without RoPE)::
+
+    tucker.layers.{i}.pre.core    (r1, r2, r3)
     tucker.layers.{i}.pre.head    (H, r1)
     tucker.layers.{i}.pre.query   (m, r2)         m = d + 1 when q/k biases exist (last row: bias)
     tucker.layers.{i}.pre.key     (n, r3)
+
+``qk_input`` (only the input sides truncated; each head keeps its d_h coordinates, so the
+model's own RoPE and qk-norm apply exactly: q_h = [x,1] U2 Q_h, k_g = [x,1] U3 K_g)::
+
+    tucker.layers.{i}.pre.query        (m, r2)        U2
+    tucker.layers.{i}.pre.key          (n, r3)        U3; the latent key [x,1] U3 is what a cache holds
+    tucker.layers.{i}.pre.query_heads  (H, r2, d_h)   Q_h = U2^T A_h (before any qk-norm gain)
+    tucker.layers.{i}.pre.key_groups   (G, r3, d_h)   K_g = U3^T B_g
+    tucker.layers.{i}.pre.query_gain   (H, d_h)       only for qk-norm models: the norm gains
+    tucker.layers.{i}.pre.key_gain     (G, d_h)       (as multiplied, i.e. 1 + w for Gemma3)
+
+The post-softmax (value-output) tensor is always a 3-mode Tucker (it carries no RoPE)::
+
     tucker.layers.{i}.post.core   (r1', r2', r3') post-softmax (value-output) tensor Wt
     tucker.layers.{i}.post.head   (H, r1')
     tucker.layers.{i}.post.output (d, r2')
@@ -40,9 +57,11 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError
 
 SCHEMA = "tuckerctl.tucker/1"
+TUCKER, QK_INPUT = "tucker", "qk_input"  # structures of the pre-softmax tensor
 SHARD_BYTES = 5 * 1024 ** 3
 TENSOR_PREFIX = "tucker.layers"
 PARTS = {"pre": ("core", "head", "query", "key"), "post": ("core", "head", "output", "value")}
+QK_INPUT_PARTS = ("query", "key", "query_heads", "key_groups")
 _TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -166,15 +185,38 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
 
 @dataclass
 class TuckerLayer:
-    """One compressed layer: cores and factors of both tensors, plus the output bias."""
+    """One compressed layer: both tensors' factors, plus the output bias.
+
+    ``structure`` ``tucker``: ``pre_core`` and ``pre_factors`` = [U1, U2, U3].
+    ``structure`` ``qk_input``: ``pre_core`` is None, ``pre_factors`` = [None, U2, U3] and
+    ``query_heads`` (H, r2, d_h), ``key_groups`` (G, r3, d_h) hold the per-head coordinates;
+    ``query_gain``/``key_gain`` the qk-norm gains (None without qk-norm)."""
 
     index: int
-    pre_core: torch.Tensor
-    pre_factors: list[torch.Tensor]
+    pre_core: torch.Tensor | None
+    pre_factors: list[torch.Tensor | None]
     post_core: torch.Tensor
     post_factors: list[torch.Tensor]
     out_bias: torch.Tensor | None
     info: dict  # the layer's metadata record (ranks, errors)
+    structure: str = TUCKER
+    query_heads: torch.Tensor | None = None
+    key_groups: torch.Tensor | None = None
+    query_gain: torch.Tensor | None = None
+    key_gain: torch.Tensor | None = None
+
+    def pre_mixers(self) -> torch.Tensor:
+        """M_h (H, r2, r3) with W_hat[h] = U2 M_h U3^T, whatever the structure (the
+        zero-offset form; qk-norm gains included, the per-token 1/rms factors not)."""
+        if self.structure == TUCKER:
+            return torch.einsum("hj,jab->hab", self.pre_factors[0], self.pre_core)
+        Q, K = self.query_heads, self.key_groups
+        H, G = Q.shape[0], K.shape[0]
+        if self.query_gain is not None:
+            Q = Q * self.query_gain[:, None, :]
+        if self.key_gain is not None:
+            K = K * self.key_gain[:, None, :]
+        return Q @ K[torch.arange(H, device=Q.device) // (H // G)].transpose(1, 2)
 
 
 class TuckerCheckpoint:
@@ -206,15 +248,37 @@ class TuckerCheckpoint:
         def get(name):
             return self.ckpt.get(name, dtype).to(device)
 
-        parts = {t: [get(factor_name(i, t, p)) for p in PARTS[t]] for t in PARTS}
+        structure = self._layers[i].get("structure", TUCKER)
+        if structure not in (TUCKER, QK_INPUT):
+            raise InputError(f"{self.path}: layer {i} has unknown structure {structure!r}")
+        kinds = {"post": PARTS["post"]}
+        if structure == TUCKER:
+            kinds["pre"] = PARTS["pre"]
+        parts = {t: [get(factor_name(i, t, p)) for p in kinds[t]] for t in kinds}
         bias_name = f"{TENSOR_PREFIX}.{i}.out_bias"
         bias = get(bias_name) if bias_name in self.ckpt else None
         for t, (core, *fs) in parts.items():
             if tuple(core.shape) != tuple(f.shape[1] for f in fs):
                 raise InputError(f"{self.path}: layer {i} {t}: core {list(core.shape)} does not match its "
                                  f"factors {[list(f.shape) for f in fs]}")
-        return TuckerLayer(i, parts["pre"][0], parts["pre"][1:], parts["post"][0], parts["post"][1:], bias,
-                           self._layers[i])
+        if structure == TUCKER:
+            return TuckerLayer(i, parts["pre"][0], parts["pre"][1:], parts["post"][0], parts["post"][1:], bias,
+                               self._layers[i])
+        U2, U3, Q, K = (get(factor_name(i, "pre", p)) for p in QK_INPUT_PARTS)
+        gains = [get(factor_name(i, "pre", p)) if factor_name(i, "pre", p) in self.ckpt else None
+                 for p in ("query_gain", "key_gain")]
+        H, dh = self.spec.get("heads"), self.spec.get("head_dim")
+        if (Q.dim() != 3 or K.dim() != 3 or Q.shape[1] != U2.shape[1] or K.shape[1] != U3.shape[1]
+                or Q.shape[2] != K.shape[2] or (H is not None and Q.shape[0] != H)
+                or (dh is not None and Q.shape[2] != dh) or K.shape[0] == 0 or Q.shape[0] % K.shape[0]):
+            raise InputError(f"{self.path}: layer {i} pre: query/key factors {list(U2.shape)}, {list(U3.shape)} "
+                             f"do not match query_heads {list(Q.shape)} and key_groups {list(K.shape)}")
+        for name, g, rows in (("query_gain", gains[0], Q.shape[0]), ("key_gain", gains[1], K.shape[0])):
+            if g is not None and tuple(g.shape) != (rows, Q.shape[2]):
+                raise InputError(f"{self.path}: layer {i} pre.{name} has shape {list(g.shape)}, "
+                                 f"expected {[rows, Q.shape[2]]}")
+        return TuckerLayer(i, None, [None, U2, U3], parts["post"][0], parts["post"][1:], bias, self._layers[i],
+                           QK_INPUT, Q, K, gains[0], gains[1])
 
     def __getitem__(self, i: int) -> TuckerLayer:
         return self.layer(i)

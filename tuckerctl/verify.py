@@ -33,10 +33,12 @@ _BATCH_ELEMENTS = 1 << 24  # 128 MB of float64 per batch of dense head slices
 
 
 def weight_error(stack: HeadStack, core: torch.Tensor, factors: list[torch.Tensor]) -> float:
-    """||W - W_hat||_F / ||W||_F, forming W[h] and W_hat[h] densely a few heads at a time."""
+    """||W - W_hat||_F / ||W||_F, forming W[h] and W_hat[h] densely a few heads at a time.
+    ``core`` (r1, r2, r3) with ``factors`` [U1, U2, U3]; ``U1`` None means ``core`` already
+    holds the per-head mixers M_h (H, r2, r3) (the qk_input structure)."""
     U1, U2, U3 = factors
     H, m, n = stack.shape
-    mix = torch.einsum("hj,jab->hab", U1, core)  # M_h = sum_j U1[h, j] C[j]
+    mix = core if U1 is None else torch.einsum("hj,jab->hab", U1, core)  # M_h = sum_j U1[h, j] C[j]
     step = max(1, _BATCH_ELEMENTS // (m * n))
     num = torch.zeros((), dtype=torch.float64, device=core.device)
     den = torch.zeros((), dtype=torch.float64, device=core.device)
@@ -79,7 +81,7 @@ def original_attention(pre: HeadStack, post: HeadStack, x: torch.Tensor, scale: 
 def tucker_logits(core, factors, x, scale) -> torch.Tensor:
     U1, U2, U3 = factors
     P, K = _homog(x, U2.shape[0]) @ U2, _homog(x, U3.shape[0]) @ U3
-    M = torch.einsum("hj,jab->hab", U1, core)
+    M = core if U1 is None else torch.einsum("hj,jab->hab", U1, core)
     return scale * (P @ M) @ K.T
 
 
@@ -129,27 +131,36 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
         t = tk.layer(layer.index, dev, torch.float64)
         rec = tk._layers[layer.index]
         pre, post = (getattr(layer, key).to(device=dev, dtype=torch.float64) for key in ("pre", "post"))
-        for key, stack, fs in (("pre", pre, t.pre_factors), ("post", post, t.post_factors)):
+        # Both structures as W_hat[h] = U2 M_h U3^T (qk_input: M_h from the per-head
+        # coordinates and gains, head factor None), so one dense check covers both.
+        pre_core, pre_factors = t.pre_core, t.pre_factors
+        if t.structure != "tucker":
+            pre_core, pre_factors = t.pre_mixers(), [None, *t.pre_factors[1:]]
+        heads_of = lambda fs, core: core.shape[0] if fs[0] is None else fs[0].shape[0]  # noqa: E731
+        for key, stack, fs, core in (("pre", pre, pre_factors, pre_core),
+                                     ("post", post, t.post_factors, t.post_core)):
             want = (stack.heads, stack.shape[1], stack.shape[2])
-            got = (fs[0].shape[0], fs[1].shape[0], fs[2].shape[0])
+            got = (heads_of(fs, core), fs[1].shape[0], fs[2].shape[0])
             if want != got:
                 raise InputError(f"{tk.path}: layer {layer.index} {key} factors have mode sizes {list(got)}, "
                                  f"but {against} gives {list(want)}")
         bias = None if layer.out_bias is None else layer.out_bias.to(device=dev, dtype=torch.float64)
         scale = spec.layer_scale(layer.index)
         logits, y = original_attention(pre, post, x, scale, causal, bias)
-        attn = TuckerAttention(t.pre_core, t.pre_factors, t.post_core, t.post_factors, scale,
-                               out_bias=t.out_bias, causal=causal)
+        eye = torch.eye(pre_core.shape[0], dtype=pre_core.dtype, device=dev)
+        attn = TuckerAttention(pre_core, [eye if pre_factors[0] is None else pre_factors[0], *pre_factors[1:]],
+                               t.post_core, t.post_factors, scale, out_bias=t.out_bias, causal=causal)
         with torch.no_grad():
             y_hat = attn(x)
         row = {
             "index": layer.index,
-            "pre": {"ranks": list(t.pre_core.shape), "rel_error": weight_error(pre, t.pre_core, t.pre_factors),
+            "pre": {"ranks": rec["pre"]["ranks"], "structure": t.structure,
+                    "rel_error": weight_error(pre, pre_core, pre_factors),
                     "reported_error": rec["pre"]["rel_error"]},
             "post": {"ranks": list(t.post_core.shape),
                      "rel_error": weight_error(post, t.post_core, t.post_factors),
                      "reported_error": rec["post"]["rel_error"]},
-            "logits_rel_error": _rel(tucker_logits(t.pre_core, t.pre_factors, x, scale), logits),
+            "logits_rel_error": _rel(tucker_logits(pre_core, pre_factors, x, scale), logits),
             "output_rel_error": _rel(y_hat, y),
         }
         worst = max(row["pre"]["rel_error"], row["post"]["rel_error"])

@@ -71,6 +71,10 @@ class LayerWeights:
     out_bias: Tensor | None
     tensors: list[str]  # checkpoint tensors read for this layer
     params: int  # attention projection parameters in the checkpoint (biases excluded)
+    # The pre stack before qk-norm gains were folded in (None: no gains, same as ``pre``).
+    # The exact RoPE structure needs it: the model's norm acts on the un-gained q/k.
+    pre_ungained: HeadStack | None = None
+    qk_gains: tuple[Tensor, Tensor] | None = None  # (H, d_h), (G, d_h) gains folded into pre
 
 
 class Adapter:
@@ -206,6 +210,12 @@ def separate_layer(
     qk_bias = bq is not None or bk is not None
     A = homogeneous(per_head(q, heads, head_dim), bq, qk_bias)
     B = homogeneous(per_head(k, kv_heads, head_dim), bk, qk_bias)
+    ungained, gains = None, None
+    if q_gain is not None or k_gain is not None:
+        ungained = HeadStack(A, B)
+        ones = torch.ones(head_dim, dtype=A.dtype)
+        gains = tuple((ones if g is None else g.to(A.dtype)).reshape(-1, head_dim).expand(n, head_dim).contiguous()
+                      for g, n in ((q_gain, heads), (k_gain, kv_heads)))
     if q_gain is not None:
         A = A * q_gain.reshape(-1, 1, head_dim) if q_gain.numel() > head_dim else A * q_gain.reshape(1, 1, head_dim)
     if k_gain is not None:
@@ -214,4 +224,4 @@ def separate_layer(
     O_t = o.reshape(o.shape[0], heads, value_dim).permute(1, 0, 2)  # (H, d, d_v) = O_h^T
     if params is None:
         params = q.numel() + k.numel() + v.numel() + o.numel()
-    return LayerWeights(index, HeadStack(A, B), HeadStack(O_t, V), bo, tensors or [], params)
+    return LayerWeights(index, HeadStack(A, B), HeadStack(O_t, V), bo, tensors or [], params, ungained, gains)
