@@ -22,6 +22,7 @@ from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .multilinear import mode_spectra, reduce
 from .pareto import gqa_groups, rank_grid
+from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
 from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
 
 SCHEMA = "tuckerctl.analysis/2"
@@ -100,12 +101,14 @@ def exact_tradeoff(red, groups: list[int], width: int, ceilings) -> dict:
 
 
 def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, device,
-                   groups: list[int] | None = None, width: int | None = None) -> dict:
+                   groups: list[int] | None = None, width: int | None = None,
+                   rope: tuple[Rotation, int] | None = None) -> dict:
     """Spectra and effective ranks of one head stack (computed in float64); with ``groups``
-    also the exact trade-off errors (:func:`exact_tradeoff`, under ``"exact"``)."""
+    also the exact trade-off errors (:func:`exact_tradeoff`, under ``"exact"``); with ``rope``
+    (rotation, offsets) the spectra are averaged over offsets 0..offsets-1 (:mod:`tuckerctl.rope`)."""
     st = stack.to(device=device, dtype=torch.float64)
     red = reduce(st)
-    spectra = mode_spectra(red)
+    spectra = averaged_spectra(red, *rope) if rope else mode_spectra(red)
     gram = spectra.head_gram
     diag = gram.diagonal().clamp_min(1e-300).sqrt()
     cos = (gram / diag[:, None] / diag[None, :]).cpu()
@@ -123,11 +126,13 @@ def _ranks_at(tensor: dict, tau: float) -> list[int]:
     return [max(1, energy_rank(m["singular_values"], tau)) for m in tensor["modes"].values()]
 
 
-def analyze_layer(layer: LayerWeights, energies, tol: float, device, groups: list[int] | None = None) -> dict:
+def analyze_layer(layer: LayerWeights, energies, tol: float, device, groups: list[int] | None = None,
+                  rope: tuple[Rotation, int] | None = None) -> dict:
     out = {"index": layer.index}
     for key in ("pre", "post"):
         stack = getattr(layer, key)
-        out[key] = analyze_tensor(stack, MODE_NAMES[key], energies, tol, device, groups, stack.left.shape[2])
+        out[key] = analyze_tensor(stack, MODE_NAMES[key], energies, tol, device, groups, stack.left.shape[2],
+                                  rope if key == "pre" else None)
     ranks = {key: _ranks_at(out[key], PARAMS_ENERGY) for key in ("pre", "post")}
     tucker = sum(tucker_params(out[k]["shape"], ranks[k]) for k in ranks)
     out["params"] = {"original": layer.params, f"tucker_{PARAMS_ENERGY:g}": tucker,
@@ -184,8 +189,8 @@ def _ceiling_formula(spec: ModelSpec, key: str, mode: str) -> str:
 
 def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
             layers: str | None = None, energy=DEFAULT_ENERGY, tol: float | None = None,
-            device: str = "auto", progress: Callable[[int, int], None] | None = None,
-            revision: str | None = None) -> dict:
+            rope_offsets: int = DEFAULT_OFFSETS, device: str = "auto",
+            progress: Callable[[int, int], None] | None = None, revision: str | None = None) -> dict:
     """Analyse a checkpoint; returns the versioned analysis document (README: JSON)."""
     for t in energy:
         if not 0 < t <= 1:
@@ -200,11 +205,12 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     results = []
     used_tol = tol
     groups = gqa_groups(spec.heads, spec.kv_heads if spec.attention != "MLA" else None)
+    rope, rope_form = rope_setting(spec, rope_offsets)
     tables: dict = {}
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         if used_tol is None:
             used_tol = default_tol(ckpt, layer)
-        result = analyze_layer(layer, energy, used_tol, dev, groups)
+        result = analyze_layer(layer, energy, used_tol, dev, groups, rope)
         for key in ("pre", "post"):
             exact = result[key].pop("exact")
             result[key]["gqa"] = exact["gqa"]
@@ -217,7 +223,8 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         "tool_version": __version__,
         "source": source_fields(path, ckpt),
         "model": spec.as_dict(),
-        "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices},
+        "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices,
+                     "rope_form": rope_form},
         "layers": results,
     }
     tucker_key = f"tucker_{PARAMS_ENERGY:g}"
@@ -229,7 +236,32 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
                       "seconds": round(time.perf_counter() - start, 3)}
     if results:
         doc["summary"]["verdicts"] += tradeoff_verdicts(doc)
+        if rope_form:
+            doc["summary"]["verdicts"].insert(0, f"pre-softmax spectra and ranks: {rope_form}")
     return doc
+
+
+def rope_setting(spec: ModelSpec, offsets: int) -> tuple[tuple[Rotation, int] | None, str | None]:
+    """(rotation, offsets) for the offset-averaged query-key spectra of a RoPE model, and the
+    sentence that says which form the analysis shows (None for models without RoPE)."""
+    if not spec.rope:
+        return None, None
+    if spec.attention == "MLA":
+        return None, ("zero-offset form W[h] = W_Q^h W_K^gT (MLA's decoupled rope key is not averaged); "
+                      "ranks and ceilings hold at every offset, energies are those of offset 0")
+    if offsets <= 1:
+        return None, ("zero-offset form W[h] = W_Q^h W_K^gT (--rope-offsets 0); ranks and ceilings hold at "
+                      "every offset, energies are those of offset 0")
+    model = spec.as_dict()
+    rotation = Rotation.from_model(model)
+    extra = ""
+    if model.get("rope_theta_by_layer_type"):
+        extra = " (the global layers' theta for every layer)"
+    if model.get("rope_type"):
+        extra += f" ({model['rope_type']} frequency scaling not modelled)"
+    return (rotation, offsets), (f"RoPE offset-averaged: mode Grams averaged over offsets 0..{offsets - 1} "
+                                 f"(theta {float(model.get('rope_theta') or 10000.0):g}{extra}); "
+                                 "--rope-offsets 0 gives the zero-offset form")
 
 
 def tradeoff_verdicts(doc: dict) -> list[str]:

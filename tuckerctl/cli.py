@@ -84,6 +84,9 @@ SOURCES_HELP = ("Checkpoints: .safetensors files, (sharded) model directories, .
 LAYERS = typer.Option(None, "--layers", help="Layers to analyse, e.g. 0,5-7 (default all).")
 ENERGY = typer.Option("0.9,0.99,0.999", "--energy", help="Energy thresholds for the energy ranks.")
 TOL = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 (default from the stored dtype).")
+ROPE_OFFSETS = typer.Option(2048, "--rope-offsets", min=0,
+                            help="RoPE models: average the query-key mode spectra over offsets 0..N-1 "
+                            "(0: the zero-offset form W[h] = W_Q^h W_K^gT).")
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -135,6 +138,7 @@ def analyze(
     layers: Optional[str] = LAYERS,
     energy: str = ENERGY,
     tol: Optional[float] = TOL,
+    rope_offsets: int = ROPE_OFFSETS,
     device: str = DEVICE,
     revision: Optional[str] = REVISION,
     json_out: bool = JSON,
@@ -152,7 +156,7 @@ def analyze(
     paths = expand_sources(sources)
     docs = _analysis_docs(paths, quiet, True, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                           family=family, layers=layers, energy=_energies(energy), tol=tol, device=device,
-                          revision=revision)
+                          revision=revision, rope_offsets=rope_offsets)
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
                                           "models": docs}
     emit_json(doc, json_out, output)
