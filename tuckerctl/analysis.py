@@ -22,8 +22,8 @@ from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .multilinear import mode_spectra, reduce
 from .pareto import gqa_groups, rank_grid
-from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
 from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
+from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
 
 SCHEMA = "tuckerctl.analysis/2"
 MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}

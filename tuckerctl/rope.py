@@ -88,7 +88,6 @@ class Averager:
 def _head_gram(red: Reduced, avg: Averager) -> Tensor:
     """Offset-averaged head Gram: G[h, h'] = <lc_h^T lc_h', avg(rc_g^T rc_g')>."""
     H, p, r = red.lc.shape
-    G = red.rc.shape[0]
     rr = torch.einsum("gqi,kqj->gkij", red.rc, red.rc)  # (G, G, r, r)
     pbar = avg(rr)
     lcat = red.lc.permute(1, 0, 2).reshape(p, H * r)
