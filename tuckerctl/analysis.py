@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
-from .multilinear import mode_spectra, reduce
+from .multilinear import frobenius_norm_sq, mode_spectra, reduce
 from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
@@ -115,7 +115,8 @@ def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, dev
     shape = st.shape
     modes = {name: mode_summary(s, size, ceil, energies, tol)
              for name, s, size, ceil in zip(names, spectra, shape, st.ceilings)}
-    out = {"shape": list(shape), "norm": float(gram.trace().clamp_min(0).sqrt()),
+    # ||W||_F of the zero-offset form (the exact errors below are relative to it).
+    out = {"shape": list(shape), "norm": float(frobenius_norm_sq(red).clamp_min(0).sqrt()),
            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
     if groups:
         out["exact"] = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings)

@@ -112,7 +112,8 @@ def tensor_tails(layers: Sequence[dict], key: str) -> TensorTails:
         for k, m in enumerate(names):
             t = tail_sums(layer[key]["modes"][m]["singular_values"])
             tails[k][:len(t)] += t
-        norm_sq += float(layer[key]["norm"]) ** 2
+        # The spectra's own energy (offset-averaged for RoPE models, where it differs from ||W||^2).
+        norm_sq += float(np.sum(np.asarray(layer[key]["modes"][names[0]]["singular_values"], dtype=np.float64) ** 2))
     shape = tuple(max(int(layer[key]["shape"][k]) for layer in layers) for k in range(3))
     ceil = tuple(max(int(layer[key]["modes"][m]["ceiling"]) for layer in layers) for m in names)
     return TensorTails(tuple(tails), norm_sq, len(layers), shape, ceil)
