@@ -60,7 +60,7 @@ def test_analyze_json_stdout_is_valid(tiny_llama):
     assert doc["settings"]["energy"] == [0.5, 0.99]
     key = doc["layers"][0]["pre"]["modes"]["key"]
     assert key["ceiling"] == 32 and key["numerical_rank"] == 32  # G * d_h
-    assert "Multilinear ranks" in res.stderr  # the table goes to stderr
+    assert "Ranks per layer and mode" in res.stderr  # the table goes to stderr
 
 
 def test_analyze_output_file_and_quiet(tiny_llama, tmp_path):

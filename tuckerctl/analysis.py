@@ -24,6 +24,7 @@ from .multilinear import frobenius_norm_sq, mode_spectra, reduce
 from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
+from .usage import parse_layer_spec
 
 SCHEMA = "tuckerctl.analysis/2"
 MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
@@ -35,14 +36,11 @@ def parse_layers(text: str | None, count: int) -> list[int]:
     if not text:
         return list(range(count))
     out: list[int] = []
-    for part in text.split(","):
-        try:
-            a, _, b = part.strip().partition("-")
-            lo, hi = int(a), int(b) if b else int(a)
-        except ValueError:
-            raise InputError(f"--layers: cannot parse {part!r} (use e.g. 0,5-7)") from None
-        if lo > hi or lo < 0 or hi >= count:
-            raise InputError(f"--layers: {part!r} is outside 0-{count - 1}")
+    for lo, hi in parse_layer_spec(text):
+        if lo < 0 or hi >= count:
+            span = f"{lo}-{hi}" if hi != lo else str(lo)
+            raise InputError(f"--layers: {span!r} is outside 0-{count - 1} (the model has {count} layers, "
+                             f"counted from 0)")
         out.extend(range(lo, hi + 1))
     return sorted(set(out))
 
@@ -239,7 +237,55 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         doc["summary"]["verdicts"] += tradeoff_verdicts(doc)
         if rope_form:
             doc["summary"]["verdicts"].insert(0, f"pre-softmax spectra and ranks: {rope_form}")
+        # The first-run reading, in plain words, ahead of the detailed verdicts.
+        doc["summary"]["headline"] = headline(spec, results)
+        doc["summary"]["verdicts"] = doc["summary"]["headline"] + doc["summary"]["verdicts"]
     return doc
+
+
+def headline(spec: ModelSpec, layers: list[dict]) -> list[str]:
+    """Two or three plain sentences a newcomer can act on: which modes use all the rank
+    the architecture allows, where the energy sits, and whether a Tucker format at
+    0.99 energy would be smaller than the model's own attention."""
+    n = len(layers)
+    every = "every layer" if n > 1 else "the analysed layer"
+    capped, below, concentrated = [], [], []
+    for key in ("pre", "post"):
+        for mode in MODE_NAMES[key]:
+            ms = [layer[key]["modes"][mode] for layer in layers]
+            ceil, size = ms[0]["ceiling"], ms[0]["size"]
+            at = sum(m["numerical_rank"] >= m["ceiling"] for m in ms)
+            e99 = sum(m["energy_ranks"].get("0.99", m["numerical_rank"]) for m in ms) / n
+            if mode != "head" and ceil < size:
+                (capped if at == n else below).append((mode, ceil, at, _ceiling_formula(spec, key, mode)))
+            elif mode != "head" and e99 < 0.75 * ceil:
+                concentrated.append((mode, ceil, e99))
+    lines = []
+    if capped:
+        modes = " and ".join(dict.fromkeys(m for m, *_ in capped))
+        ceils = ", ".join(dict.fromkeys(f"{c}" + (f" = {f}" if f else "") for _, c, _, f in capped))
+        lines.append(f"The {modes} modes sit exactly at the {spec.attention} ceiling ({ceils}) in {every}: "
+                     f"the model uses all the rank {spec.attention} allows there.")
+    for mode, ceil, at, _ in below:
+        lines.append(f"The {mode} mode reaches its {spec.attention} ceiling {ceil} in only {at} of {n} layers: "
+                     f"it does not use all the rank the architecture allows.")
+    if concentrated:
+        modes = " and ".join(dict.fromkeys(m for m, *_ in concentrated))
+        where = ", ".join(f"{e:.0f} of {c}" for _, c, e in concentrated)
+        lines.append(f"The {modes} modes are full rank, but 99% of their energy lies in fewer directions "
+                     f"({where}, averaged over layers).")
+    orig = sum(layer["params"]["original"] for layer in layers)
+    tuck = sum(layer["params"][f"tucker_{PARAMS_ENERGY:g}"] for layer in layers)
+    if orig:
+        pct = 100 * tuck / orig
+        if tuck >= orig:
+            lines.append(f"A Tucker format keeping 99% of each mode's energy would need {pct:.0f}% of today's "
+                         f"attention parameters, so this attention is not compressible at that accuracy.")
+        else:
+            lines.append(f"A Tucker format keeping 99% of each mode's energy would need {pct:.0f}% of today's "
+                         f"attention parameters: compressible at that accuracy "
+                         f"(try `tuckerctl compress --energy 0.99`).")
+    return lines
 
 
 def rope_setting(spec: ModelSpec, offsets: int) -> tuple[tuple[Rotation, int] | None, str | None]:

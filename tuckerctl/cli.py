@@ -45,18 +45,34 @@ REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folder
                         "(default main).")
 
 
-def _progress(quiet: bool, label: str):
-    """A (callback, context manager) pair; silent unless stderr is a TTY."""
+def _progress(quiet: bool, label: str, unit: str = "layers"):
+    """A (callback, context manager) pair; silent unless stderr is a TTY.
+
+    The bar is shown at once (before torch is imported and the checkpoint opened), so
+    a start never looks hung; it counts ``unit`` and estimates the time left."""
     if quiet or not err.is_terminal:
         import contextlib
 
         return None, contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                    console=err, transient=True)
-    task = bar.add_task(label, total=None)
-    return (lambda done, total: bar.update(task, completed=done, total=total)), bar
+    task = bar.add_task(f"{label}: starting (importing torch, opening the checkpoint)", total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, description=label)
+
+    return update, bar
 
 
 def emit_json(doc: dict, to_stdout: bool, output: Optional[Path]) -> None:
@@ -109,21 +125,35 @@ def expand_sources(sources: list[str]) -> list[str]:
     return out
 
 
-def _analysis_docs(sources: list[str], quiet: bool, show: bool, **options) -> list[dict]:
-    """Analyse each source in turn (printing its table unless quiet/``show`` is off)."""
-    from .analysis import analyze as run
-    from .tables import print_analysis
+def _checked_sources(sources: list[str], layers: str | None) -> list[str]:
+    """Usage checks before torch is imported: globs, analysis JSONs given as checkpoints,
+    the --layers syntax."""
+    from .usage import check_checkpoint_source, parse_layer_spec
 
+    paths = expand_sources(sources)
+    for p in paths:
+        check_checkpoint_source(p)
+    if layers:
+        parse_layer_spec(layers)
+    return paths
+
+
+def _analysis_docs(sources: list[str], quiet: bool, show: bool, wide: bool = False, **options) -> list[dict]:
+    """Analyse each source in turn (printing its table unless quiet/``show`` is off)."""
     docs = []
     for k, src in enumerate(sources):
-        what = src if len(sources) == 1 else f"{src} ({k + 1}/{len(sources)})"
+        what = f"analyze {src}" + ("" if len(sources) == 1 else f" ({k + 1}/{len(sources)})")
         callback, ctx = _progress(quiet, what)
         with ctx:
+            from .analysis import analyze as run  # torch: imported while the bar already shows
+
             docs.append(run(src, progress=callback, **options))
+        from .tables import print_analysis
+
         if show and not quiet:
             if len(sources) > 1:
                 err.rule(f"{docs[-1]['source']['name']} ({src})", style="dim")
-            print_analysis(docs[-1], err)
+            print_analysis(docs[-1], err, wide=wide)
     return docs
 
 
@@ -141,6 +171,7 @@ def analyze(
     rope_offsets: int = ROPE_OFFSETS,
     device: str = DEVICE,
     revision: Optional[str] = REVISION,
+    wide: bool = typer.Option(False, "--wide", help="One table for both tensors (needs a wide terminal)."),
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
     quiet: bool = QUIET,
@@ -153,8 +184,8 @@ def analyze(
     """
     from . import __version__ as version
 
-    paths = expand_sources(sources)
-    docs = _analysis_docs(paths, quiet, True, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+    paths = _checked_sources(sources, layers)
+    docs = _analysis_docs(paths, quiet, True, wide, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                           family=family, layers=layers, energy=_energies(energy), tol=tol, device=device,
                           revision=revision, rope_offsets=rope_offsets)
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
@@ -180,6 +211,9 @@ def inspect(
 
     Example: [bold]tuckerctl inspect model.safetensors[/bold]
     """
+    from .usage import check_checkpoint_source
+
+    check_checkpoint_source(path)
     from .analysis import inspect as run
     from .tables import print_inspect
 
@@ -227,6 +261,10 @@ def compress(
 
     Example: [bold]tuckerctl compress model/ --energy 0.99 -o model-tucker/[/bold]
     """
+    from .usage import check_checkpoint_source, check_ranks_options
+
+    check_checkpoint_source(str(path))
+    check_ranks_options(ranks, ranks_post, energy, params)
     from .compress import compress as run
     from .tables import print_compress, print_verify
     from .verify import verify
@@ -270,6 +308,9 @@ def verify(
 
     Example: [bold]tuckerctl verify out/ --against model/ --max-error 0.05 --json[/bold]
     """
+    from .usage import check_checkpoint_source
+
+    check_checkpoint_source(str(against))
     from .tables import print_verify
     from .verify import verify as run
 
@@ -318,6 +359,10 @@ def report(
     from .report import build_report, load_analyses
 
     paths = expand_sources(list(sources) + list(compare or []))
+    if layers:
+        from .usage import parse_layer_spec
+
+        parse_layer_spec(layers)
     docs: list[dict] = []
     for p in paths:
         if p.endswith(".json"):

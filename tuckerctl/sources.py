@@ -98,10 +98,17 @@ def resolve(source, revision: str | None = None, attention_only: bool = True) ->
         if repo is not None:
             return Source(path, repo[0], repo[0], revision, partial=True)
         return Source(path)
-    if _REPO_ID.match(text) and not text.startswith((".", "/")):
-        return _from_hub(text, revision, attention_only)
+    check_exists(text)
+    return _from_hub(text, revision, attention_only)
+
+
+def check_exists(source: str) -> None:
+    """Raise the one-line error for a source that is neither a path on disk nor a Hub id."""
+    text = str(source)
+    if Path(text).exists() or (_REPO_ID.match(text) and not text.startswith((".", "/"))):
+        return
     hint = "" if "/" in text else " (a Hub model is named org/name, e.g. HuggingFaceTB/SmolLM2-135M)"
-    raise InputError(f"{path}: no such file or directory{hint}")
+    raise InputError(f"{text}: no such file or directory{hint}")
 
 
 def _hub():

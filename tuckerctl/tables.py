@@ -7,6 +7,8 @@ from rich.table import Table
 
 from .analysis import MODE_NAMES
 
+TENSOR_LABELS = {"pre": "pre-softmax W (query-key)", "post": "post-softmax W̃ (value-output)"}
+
 
 def _model_line(model: dict) -> str:
     flags = [f for f in ("bias", "rope", "qk_norm") if model.get(f)]
@@ -20,36 +22,52 @@ def _model_line(model: dict) -> str:
             + "".join(f", {k}={v}" for k, v in extra.items()))
 
 
-def print_analysis(doc: dict, console: Console) -> None:
-    """Model summary, per-layer rank table, verdicts and parameter counts."""
+def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
+    """Model summary, per-layer rank tables, the plain-language reading and the verdicts.
+
+    One table per tensor (each fits an 80-column terminal; the parameter ratio is never
+    cut), or one table for both with ``wide``."""
     model = doc["model"]
     console.print(_model_line(model), highlight=False)
     for note in model.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
     energies = [f"{t:g}" for t in doc["settings"]["energy"]]
-    table = Table(title=f"Multilinear ranks: energy ranks at {' '.join(energies)} | numerical rank/ceiling ("
-                        f"tol {doc['settings']['tol']:g})", title_justify="left")
-    table.add_column("layer", justify="right")
-    for key in ("pre", "post"):
-        for mode in MODE_NAMES[key]:
-            table.add_column(f"{key}\n{mode}", justify="right")
-    table.add_column("params\norig→tucker", justify="right")
-    for layer in doc["layers"]:
-        cells = [str(layer["index"])]
-        for key in ("pre", "post"):
+    console.print(f"Ranks per layer and mode: energy ranks at {' / '.join(energies)} | numerical rank/ceiling "
+                  f"(σ > {doc['settings']['tol']:g}·σ_1); [green]green[/green]: at the ceiling", highlight=False)
+    groups = [("pre", "post")] if wide else [("pre",), ("post",)]
+    for keys in groups:
+        title = " and ".join(TENSOR_LABELS[k] for k in keys)
+        table = Table(title=title, title_justify="left")
+        table.add_column("layer", justify="right", no_wrap=True)
+        for key in keys:
             for mode in MODE_NAMES[key]:
-                m = layer[key]["modes"][mode]
-                e = " ".join(str(m["energy_ranks"][t]) for t in energies)
-                at = "[green]" if m["numerical_rank"] >= m["ceiling"] else ""
-                cells.append(f"{e} | {at}{m['numerical_rank']}/{m['ceiling']}")
-        p = layer["params"]
-        tucker = next(v for k, v in p.items() if k.startswith("tucker_"))
-        cells.append(f"{p['original']:,}→{tucker:,}")
-        table.add_row(*cells)
-    console.print(table)
-    for line in doc.get("summary", {}).get("verdicts", []):
+                table.add_column(mode if not wide else f"{key}\n{mode}", justify="right")
+        if keys[-1] == "post":
+            table.add_column("Tucker@0.99\n/ original", justify="right", no_wrap=True, min_width=11)
+        for layer in doc["layers"]:
+            cells = [str(layer["index"])]
+            for key in keys:
+                for mode in MODE_NAMES[key]:
+                    m = layer[key]["modes"][mode]
+                    e = " ".join(str(m["energy_ranks"][t]) for t in energies)
+                    at = "[green]" if m["numerical_rank"] >= m["ceiling"] else ""
+                    cells.append(f"{e} | {at}{m['numerical_rank']}/{m['ceiling']}")
+            if keys[-1] == "post":
+                p = layer["params"]
+                tucker = next(v for k, v in p.items() if k.startswith("tucker_"))
+                cells.append(f"{100 * tucker / p['original']:.0f}%" if p["original"] else "–")
+            table.add_row(*cells)
+        console.print(table)
+    summary = doc.get("summary", {})
+    headline = summary.get("headline", [])
+    for line in headline:
+        console.print(f"[bold]{line}[/bold]", highlight=False)
+    details = [v for v in summary.get("verdicts", []) if v not in headline]
+    if details:
+        console.print("[dim]Details:[/dim]", highlight=False)
+    for line in details:
         console.print(f"• {line}", highlight=False)
-    secs = doc.get("summary", {}).get("seconds")
+    secs = summary.get("seconds")
     if secs is not None:
         console.print(f"[dim]{len(doc['layers'])} layers in {secs:.2f} s on {doc['settings']['device']}[/dim]")
 

@@ -48,6 +48,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,8 +220,18 @@ class TuckerLayer:
         return Q @ K[torch.arange(H, device=Q.device) // (H // G)].transpose(1, 2)
 
 
-class TuckerCheckpoint:
-    """A compressed checkpoint opened lazily (``tuckerctl.load``)."""
+class MissingLayer(InputError, KeyError):
+    """``TuckerCheckpoint.layer(i)`` for a layer index the checkpoint does not hold: a
+    ``KeyError`` for library users, an input error (exit 2) for the command line."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
+class TuckerCheckpoint(Sequence):
+    """A compressed checkpoint opened lazily (``tuckerctl.load``): a sequence of its
+    layers in order (``len``, ``ck[k]``, negative positions, slices, iteration; a
+    position out of range raises ``IndexError``). ``ck.layer(i)`` reads by the model's
+    layer index and raises :class:`MissingLayer` (a ``KeyError``) for an absent one."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -243,7 +254,7 @@ class TuckerCheckpoint:
 
     def layer(self, i: int, device=None, dtype=torch.float32) -> TuckerLayer:
         if i not in self._layers:
-            raise InputError(f"{self.path}: layer {i} is not in this checkpoint (has {self.layers})")
+            raise MissingLayer(f"{self.path}: layer {i} is not in this checkpoint (has {self.layers})")
 
         def get(name):
             return self.ckpt.get(name, dtype).to(device)
@@ -280,7 +291,18 @@ class TuckerCheckpoint:
         return TuckerLayer(i, None, [None, U2, U3], parts["post"][0], parts["post"][1:], bias, self._layers[i],
                            QK_INPUT, Q, K, gains[0], gains[1])
 
-    def __getitem__(self, i: int) -> TuckerLayer:
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.layer(i) for i in self.layers[k]]
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"layer positions are integers or slices, not {type(k).__name__}")
+        try:
+            i = self.layers[k]
+        except IndexError:
+            raise IndexError(f"layer position {k} out of range ({len(self)} layers)") from None
         return self.layer(i)
 
     def __iter__(self):

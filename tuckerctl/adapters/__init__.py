@@ -38,7 +38,10 @@ def family_adapter(family: str) -> Adapter:
         if family in a.families:
             return a
     known = sorted(f for a in ADAPTERS for f in a.families)
-    raise InputError(f"unknown family {family!r} (model_type); supported: {', '.join(known)}")
+    from ..usage import did_you_mean
+
+    raise InputError(f"unknown family {family!r}{did_you_mean(family, known)} (model_type); "
+                     f"supported: {', '.join(known)}")
 
 
 def _text_config(cfg: dict) -> dict:
