@@ -246,6 +246,15 @@ def compress(
     max_error: Optional[float] = typer.Option(None, "--max-error", help="With the check: exit 1 when a "
                                               "layer's relative weight error exceeds this."),
     tokens: int = typer.Option(64, "--tokens", help="Random tokens for the functional check."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Text file: run the original model on "
+                                             "it and minimise the error of the layers' outputs on those "
+                                             "inputs (needs transformers)."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens (from the start of "
+                                     "the --calibrate text)."),
+    method: str = typer.Option("tucker", "--method", help="tucker (shared subspaces per layer) or svd "
+                               "(per-matrix SVD baseline, SVD-LLM style when calibrated)."),
+    tensors: str = typer.Option("both", "--tensors", help="Which tensors to compress: pre (query-key), post "
+                                "(value-output) or both."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
@@ -259,7 +268,7 @@ def compress(
 ):
     """Write a compressed Tucker checkpoint (HOSVD + HOOI from the factors), then check it.
 
-    Example: [bold]tuckerctl compress model/ --energy 0.99 -o model-tucker/[/bold]
+    Example: [bold]tuckerctl compress model/ --params 0.5 --calibrate calib.txt -o model-tucker/[/bold]
     """
     from .usage import check_checkpoint_source, check_ranks_options
 
@@ -273,10 +282,11 @@ def compress(
     with ctx:
         doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
                   hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, structure=structure,
-                  config=config,
-                  heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family, progress=callback)
+                  config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
+                  calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors, progress=callback)
     if not quiet:
         print_compress(doc, out, err)
+    check = check and method == "tucker"  # verify checks Tucker factors; svd records its errors itself
     if check:
         callback, ctx = _progress(quiet, "verify")
         with ctx:
@@ -323,6 +333,44 @@ def verify(
     emit_json(doc, json_out, output)
     if not doc["passed"]:
         raise CheckFailed(f"relative weight error {doc['max_rel_error']:.3g} exceeds --max-error {max_error}")
+
+
+@app.command("eval")
+def eval_(
+    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
+    against: Path = typer.Option(..., "--against", help="The original checkpoint (directory with "
+                                 "config.json, or .gguf)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score the models on."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window (non-overlapping windows)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens "
+                                             "(from the start of the text)."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Exit 1 when the mean KL divergence "
+                                            "exceeds this."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Exit 1 when compressed / "
+                                                  "original perplexity exceeds this."),
+    device: str = DEVICE,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Score a compressed model against the original on real text: perplexity of both,
+    KL divergence and top-1 agreement of the next-token distributions (causal LMs), or
+    cosine similarity of the final hidden states (encoders). Needs transformers.
+
+    Example: [bold]tuckerctl eval out/ --against model/ --text wiki.txt --max-kld 0.05 --json[/bold]
+    """
+    from .evaluate import evaluate
+    from .tables import print_eval
+
+    callback, ctx = _progress(quiet, "eval", unit="tokens")
+    with ctx:
+        doc = evaluate(compressed, against, text, seq_len=seq_len, max_tokens=max_tokens, device=device,
+                       max_kld=max_kld, max_ppl_ratio=max_ppl_ratio, progress=callback)
+    if not quiet:
+        print_eval(doc, err)
+    emit_json(doc, json_out, output)
+    if not doc["checks"]["passed"]:
+        raise CheckFailed("; ".join(doc["checks"]["failures"]))
 
 
 @app.command()

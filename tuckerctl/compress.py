@@ -33,7 +33,10 @@ from .tucker_format import (
     factor_name,
     write_checkpoint,
 )
+from .whiten import weighted_tucker, whiten_stack, whitener
 
+METHODS = ("tucker", "svd")
+TENSORS = ("pre", "post", "both")
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Safetensors dtype of the source -> the factors' default stored dtype ("same as the source").
 _SOURCE_STORE = {"BF16": "bfloat16", "F16": "float16"}
@@ -102,14 +105,32 @@ def _validate(ranks, ranks_post, energy, params):
         raise InputError(f"--params: {params} is not in (0, 1] (a fraction of the attention parameters)")
 
 
-def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure):
-    """Pass 1 for --params: spectra of every tensor, then a global allocation."""
+def _metric(stack, key: str, moments, index: int):
+    """(left, right) whiteners of one tensor in the activation metric, or (None, None)
+    without calibration. Query and key sides, and the value side, see the layer's input
+    (its homogeneous form when biased); the output side stays in the weight metric."""
+    if moments is None:
+        return None, None
+    m = moments[index]
+    _, rows, cols = stack.shape
+    right = whitener(m.input_moment(cols))
+    left = whitener(m.input_moment(rows)) if key == "pre" else None
+    return left, right
+
+
+def _whitened(stack, left, right):
+    return whiten_stack(stack, left.S if left else None, right.S if right else None)
+
+
+def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure, moments=None):
+    """Pass 1 for --params: spectra of every tensor (in the activation metric when
+    calibrated), then a global allocation."""
     tensors, original = [], 0
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
         original += layer.params
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
-            s = mode_spectra(reduce(stack))
+            s = mode_spectra(reduce(_whitened(stack, *_metric(stack, key, moments, layer.index))))
             tensors.append(_spectra_for_allocation(stack, s, structure if key == "pre" else TUCKER,
                                                    spec.head_dim))
         if progress:
@@ -122,35 +143,56 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
     return {(i, key): chosen[2 * j + (key == "post")] for j, i in enumerate(indices) for key in ("pre", "post")}
 
 
-def _qk_input(layer, stack, want, hooi_iters, store):
+def _qk_input(layer, stack, want, hooi_iters, store, left=None, right=None):
     """The qk_input structure of one layer's pre tensor: the input-side subspaces U2, U3
     of a Tucker fit with the head mode kept whole (so the reported error is exactly
     ||W - U2 U2^T W U3 U3^T|| / ||W||), and each head's/group's coordinates in them,
-    taken from the un-gained factors (the model's qk-norm runs on those)."""
+    taken from the un-gained factors (the model's qk-norm runs on those).
+
+    Calibrated (whiteners ``left``/``right``, S^2 = C): the fit runs on S A_h, S B_g and
+    U2 = S^-1 V2, so the projection is the oblique U2 (U2^T S^2) = S^-1 V2 V2^T S and the
+    coordinates are U2^T S^2 A_h (likewise for the key side). Returns (Tucker, ranks,
+    tensors, activation-weighted error or None)."""
     H = stack.heads
     got = clamp_ranks(stack, (H, want[1], want[2]))
-    t = tucker(stack, got, hooi_iters=hooi_iters)
+    weighted = None
+    if left is None and right is None:
+        t = tucker(stack, got, hooi_iters=hooi_iters)
+    else:
+        wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
+        t, weighted = wt.tucker, wt.weighted_error
     _, U2, U3 = t.factors
     raw = (layer.pre_ungained or layer.pre).to(device=U2.device, dtype=U2.dtype)
     if raw.left_basis is not None or raw.right_basis is not None:
         raise InputError("--structure qk-input needs per-head query/key factors (not MLA latents)")
-    tensors = dict(zip(QK_INPUT_PARTS, (U2, U3, U2.T @ raw.left, U3.T @ raw.right)))
+    P2 = U2.T if left is None else U2.T @ (left.S @ left.S).to(U2)
+    P3 = U3.T if right is None else U3.T @ (right.S @ right.S).to(U3)
+    tensors = dict(zip(QK_INPUT_PARTS, (U2, U3, P2 @ raw.left, P3 @ raw.right)))
     if layer.qk_gains is not None:
         tensors["query_gain"], tensors["key_gain"] = (g.to(U2) for g in layer.qk_gains)
     out = {k: v.to(store).cpu().contiguous() for k, v in tensors.items()}
-    return t, got, out
+    return t, got, out, weighted
+
 
 def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = None,
              energy: float | None = None, params: float | None = None, hooi_iters: int = 2,
              device: str = "auto", dtype: str | None = None, overwrite: bool = False,
              structure: str = "auto", config=None, heads=None, kv_heads=None, head_dim=None, family=None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             calibrate=None, calib_tokens: int = 4096, method: str = "tucker", tensors: str = "both",
+             moments=None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress ``path`` into the directory ``out``; returns the compression record
     (also stored as the checkpoint's ``tuckerctl`` metadata).
 
     ``dtype``: stored factor dtype; None = the source's (bf16/fp16 in, same out; float32
     for float32, fp8 and quantised GGUF sources). ``structure``: ``auto`` | ``qk-input`` |
-    ``tucker`` for the pre-softmax tensor (see :func:`choose_structure`)."""
+    ``tucker`` for the pre-softmax tensor (see :func:`choose_structure`).
+
+    ``calibrate``: a text file; the original model (via transformers) runs on its first
+    ``calib_tokens`` tokens and the decomposition minimises the error of the layers'
+    outputs on those inputs instead of the weights' Frobenius error (``moments``: the
+    same statistics precomputed by :func:`tuckerctl.calibrate.calibrate`).
+    ``method="svd"``: the per-matrix whitened-SVD baseline (:mod:`tuckerctl.lowrank`).
+    ``tensors``: which tensor(s) to compress (``pre``, ``post`` or ``both``)."""
     fixed_pre = parse_ranks(ranks, "--ranks")
     fixed_post = parse_ranks(ranks_post, "--ranks-post") or fixed_pre
     _validate(fixed_pre, ranks_post, energy, params)
@@ -160,6 +202,20 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(STORE_DTYPES)}")
     if structure not in STRUCTURES:
         raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
+    if method not in METHODS:
+        raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    if tensors not in TENSORS:
+        raise InputError(f"--tensors: {tensors!r} is not one of {', '.join(TENSORS)}")
+    if method == "tucker" and tensors != "both":
+        raise InputError("--tensors pre|post: only --method svd can keep the other tensor as it is so far")
+    if method == "svd" and fixed_pre is not None:
+        raise InputError("--method svd takes --params or --energy, not --ranks")
+    if calib_tokens < 2:
+        raise InputError(f"--calib-tokens: {calib_tokens} must be at least 2")
+    if calibrate is not None:
+        from .calibrate import read_text
+
+        read_text(calibrate)  # a bad file fails now, not after loading the model
     dev = resolve_device(device)
     start = time.perf_counter()
     ckpt = open_checkpoint(path, config, attention_only=False)
@@ -169,10 +225,17 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     if out.exists() and not overwrite:  # fail before the expensive part
         raise InputError(f"{out}: already exists (use --overwrite to replace it)")
     indices = list(range(spec.layers))
+    calib = _moments(path, calibrate, calib_tokens, moments, indices, dev)
+    if method == "svd":
+        from .lowrank import compress_lowrank
+
+        return compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, energy=energy, params=params,
+                                tensors=tensors, dtype=dtype or "float32", overwrite=overwrite,
+                                calibrate=calibrate, start=start, progress=progress)
     steps = len(indices) * (3 if params is not None else 1)
     budget = _budget_ranks(adapter, ckpt, spec, indices, params, dev,
                            (lambda d, t: progress(d, steps)) if progress else None,
-                           kind) if params is not None else None
+                           kind, calib) if params is not None else None
     factors: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     records, notes = [], []
@@ -188,20 +251,26 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
                                                                                           "k_norm.weight"))))
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
+            left, right = _metric(stack, key, calib, layer.index)
             if budget is not None:
                 want = budget[(layer.index, key)]
             elif energy is not None:
-                s = mode_spectra(reduce(stack))
+                s = mode_spectra(reduce(_whitened(stack, left, right)))
                 want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
             else:
                 want = fixed_pre if key == "pre" else fixed_post
             if key == "pre" and kind == QK_INPUT:
-                t, got, tensors = _qk_input(layer, stack, want, hooi_iters, store)
+                t, got, tensors, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
                 want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
                 count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
             else:
                 got = clamp_ranks(stack, want)
-                t = tucker(stack, got, hooi_iters=hooi_iters)
+                weighted = None
+                if calib is None:
+                    t = tucker(stack, got, hooi_iters=hooi_iters)
+                else:
+                    wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
+                    t, weighted = wt.tucker, wt.weighted_error
                 tensors = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
                 count = tucker_params(stack.shape, t.ranks)
             if tuple(got) != tuple(want):
@@ -209,6 +278,9 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
             factors.update({factor_name(layer.index, key, part): x for part, x in tensors.items()})
             rec[key] = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
                         "rel_error_hosvd": t.errors[0], "params": count}
+            if calib is not None:  # rel_error is then the weight-space error of the mapped-back factors
+                rec[key]["activation_rel_error"] = weighted
+                rec[key]["metric_condition"] = [None if w is None else w.condition for w in (left, right)]
         if layer.out_bias is not None:
             factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
         records.append(rec)
@@ -242,7 +314,8 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         "settings": {"ranks": list(fixed_pre) if fixed_pre else None,
                      "ranks_post": list(fixed_post) if fixed_post else None,
                      "energy": energy, "params": params, "hooi_iters": hooi_iters, "dtype": dtype,
-                     "structure": kind, "device": str(dev)},
+                     "structure": kind, "device": str(dev), "method": method, "tensors": tensors,
+                     "calibration": calibration_record(calibrate, calib)},
         "layers": records,
         "summary": {"params_original": original, "params_tucker": compressed,
                     "ratio": compressed / original if original else None,
@@ -262,12 +335,34 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
             "after compressing); --structure qk-input runs the model's own RoPE exactly"]
             if spec.rope and kind == TUCKER and spec.attention != "MLA" else []),
     }
+    if calib is not None:
+        info["summary"]["max_activation_rel_error"] = max(r[k]["activation_rel_error"]
+                                                           for r in records for k in ("pre", "post"))
     if ckpt.format != "safetensors":
         info["notes"].append(f"{ckpt.format} source: only the attention factors are written, "
                              "non-attention tensors are not copied")
     write_checkpoint(out, ckpt, replaced, factors, info, overwrite=overwrite)
     info["summary"]["seconds"] = round(time.perf_counter() - start, 3)
     return info
+
+
+def _moments(path, calibrate, calib_tokens, moments, indices, dev):
+    """Calibration moments per layer (computed, given, or None)."""
+    if moments is None and calibrate is not None:
+        from .calibrate import calibrate as collect
+
+        moments = collect(path, calibrate, calib_tokens, device=dev)
+    if moments is not None:
+        missing = [i for i in indices if i not in moments]
+        if missing:
+            raise InputError(f"{path}: calibration found no attention inputs for layer {missing[0]}")
+    return moments
+
+
+def calibration_record(calibrate, moments) -> dict | None:
+    if moments is None:
+        return None
+    return {"text": None if calibrate is None else str(calibrate), "tokens": next(iter(moments.values())).tokens}
 
 
 def _kv_cache(spec) -> int:

@@ -93,10 +93,15 @@ def print_inspect(doc: dict, console: Console) -> None:
 
 def print_compress(doc: dict, out, console: Console) -> None:
     s = doc["summary"]
-    console.print(f"wrote {out}/: {s['params_tucker']:,} Tucker parameters for {s['params_original']:,} "
-                  f"attention parameters ({100 * s['ratio']:.1f}%), max relative error "
-                  f"{s['max_rel_error']:.3g}, KV cache per token {s['kv_cache_per_token']['original']} → "
-                  f"{s['kv_cache_per_token']['tucker_max']}", highlight=False)
+    svd = doc.get("settings", {}).get("method") == "svd"
+    kind, kv = ("per-matrix SVD", "compressed") if svd else ("Tucker", "tucker_max")
+    count = s["params_compressed"] if svd else s["params_tucker"]
+    weighted = (f", max activation-weighted error {s['max_activation_rel_error']:.3g}"
+                if "max_activation_rel_error" in s else "")
+    console.print(f"wrote {out}/: {count:,} {kind} parameters for {s['params_original']:,} "
+                  f"attention parameters ({100 * s['ratio']:.1f}%), max relative weight error "
+                  f"{s['max_rel_error']:.3g}{weighted}, KV cache per token {s['kv_cache_per_token']['original']} → "
+                  f"{s['kv_cache_per_token'][kv]}", highlight=False)
     for note in doc.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
 
@@ -118,3 +123,24 @@ def print_verify(doc: dict, console: Console) -> None:
     verdict = "[green]passed[/green]" if doc["passed"] else "[red]failed[/red]"
     console.print(f"{verdict}: max relative weight error {doc['max_rel_error']:.3g} "
                   f"({doc['seconds']:.1f} s)", highlight=False)
+
+
+def print_eval(doc: dict, console: Console) -> None:
+    def num(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    head = f"{doc['compressed']} vs {doc['against']} on {doc['tokens']:,} tokens ({doc['method']})"
+    if doc["model_kind"] == "causal_lm":
+        p, k = doc["perplexity"], doc["kl_divergence"]
+        console.print(f"{head}: perplexity {num(p['original'], '.4f')} → {num(p['compressed'], '.4f')} "
+                      f"(×{num(p['ratio'], '.4f')}), KL divergence mean {num(k['mean'], '.3g')} "
+                      f"p99 {num(k['p99'], '.3g')}, top-1 agreement {100 * doc['top1_agreement']:.2f}%",
+                      highlight=False)
+    else:
+        c = doc["cosine"]
+        console.print(f"{head}: cosine to the original, token mean {num(c['mean'], '.6f')} min "
+                      f"{num(c['min'], '.6f')}, mean-pooled mean {num(c['pooled_mean'], '.6f')}", highlight=False)
+    for note in doc.get("notes", []):
+        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+    for failure in doc["checks"]["failures"]:
+        console.print(f"  [red]FAIL[/red] {failure}", highlight=False)

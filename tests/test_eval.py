@@ -1,0 +1,200 @@
+"""``tuckerctl eval`` and the metrics, against direct float64 computations from
+transformers' own logits; calibration moments against the model's hidden states."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from textdata import save_tiny_lm, write_texts
+
+from tuckerctl.calibrate import collect_moments, windows
+from tuckerctl.metrics import CausalTally, EncoderTally
+
+CLI = [sys.executable, "-m", "tuckerctl"]
+
+
+def run(*args):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(res, *fragments):
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evallm")
+    model = save_tiny_lm(root / "model")
+    calib, evaluation = write_texts(root / "text")
+    return model, root / "model", calib, evaluation
+
+
+def test_metrics_against_direct_formulas():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 7, generator=gen), torch.randn(40, 7, generator=gen)
+    t = torch.randint(0, 7, (40,), generator=gen)
+    tally = CausalTally()
+    tally.add(a[:25], b[:25], t[:25])
+    tally.add(a[25:], b[25:], t[25:])
+    r = tally.result()
+    p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
+    nll_p = -torch.log(p[torch.arange(40), t]).mean()
+    nll_q = -torch.log(q[torch.arange(40), t]).mean()
+    kld = (p * torch.log(p / q)).sum(-1)
+    assert r["tokens"] == 40
+    assert r["perplexity"]["original"] == pytest.approx(math.exp(nll_p), rel=1e-12)
+    assert r["perplexity"]["compressed"] == pytest.approx(math.exp(nll_q), rel=1e-12)
+    assert r["kl_divergence"]["mean"] == pytest.approx(float(kld.mean()), rel=1e-12)
+    assert r["kl_divergence"]["p99"] == pytest.approx(float(torch.quantile(kld, 0.99)), rel=1e-6)
+    assert r["top1_agreement"] == pytest.approx(float((a.argmax(-1) == b.argmax(-1)).double().mean()))
+    enc = EncoderTally()
+    enc.add(a, b)
+    cos = (a.double() * b.double()).sum(-1) / (a.double().norm(dim=-1) * b.double().norm(dim=-1))
+    e = enc.result()
+    assert e["cosine"]["mean"] == pytest.approx(float(cos.mean()), rel=1e-12)
+    assert e["cosine"]["min"] == pytest.approx(float(cos.min()), rel=1e-12)
+
+
+def test_windows_cover_the_tokens_without_overlap():
+    ids = torch.arange(23)
+    ws = list(windows(ids, 10))
+    assert [w.tolist() for w in ws] == [list(range(0, 10)), list(range(10, 20)), [20, 21, 22]]
+    wrapped = list(windows(ids, 6, (100, 101)))
+    assert all(w[0] == 100 and w[-1] == 101 and w.numel() <= 6 for w in wrapped)
+    assert torch.cat([w[1:-1] for w in wrapped]).tolist() == ids.tolist()
+
+
+def test_moments_match_the_normed_hidden_states(lm):
+    model, path, calib, _ = lm
+    ids = torch.arange(1, 61) % 64
+    moments = collect_moments(model, windows(ids, 30))
+    assert sorted(moments) == [0, 1]
+    with torch.no_grad():
+        hs = [model(input_ids=w.reshape(1, -1), output_hidden_states=True).hidden_states for w in windows(ids, 30)]
+    for i, layer in enumerate(model.model.layers):
+        x = torch.cat([layer.input_layernorm(h[i])[0] for h in hs]).double()
+        assert moments[i].tokens == 60
+        torch.testing.assert_close(moments[i].inputs, x.T @ x / 60, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(moments[i].mean, x.mean(0), rtol=1e-5, atol=1e-7)
+        hom = moments[i].homogeneous()
+        xh = torch.cat([x, torch.ones(60, 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(hom, xh.T @ xh / 60, rtol=1e-5, atol=1e-7)
+
+
+def _direct_scores(model, dense_model, ids, seq_len):
+    """Perplexities, mean KLD and top-1 agreement straight from transformers' logits."""
+    nll_o, nll_c, kld, same, n = 0.0, 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for s in range(0, ids.numel(), seq_len):
+            w = ids[s:s + seq_len]
+            if w.numel() < 2:
+                break
+            lo = model(input_ids=w[None]).logits[0, :-1].double()
+            lc = dense_model(input_ids=w[None]).logits[0, :-1].double()
+            po, pc = torch.log_softmax(lo, -1), torch.log_softmax(lc, -1)
+            tgt = w[1:]
+            nll_o -= float(po[torch.arange(len(tgt)), tgt].sum())
+            nll_c -= float(pc[torch.arange(len(tgt)), tgt].sum())
+            kld += float((po.exp() * (po - pc)).sum())
+            same += int((lo.argmax(-1) == lc.argmax(-1)).sum())
+            n += len(tgt)
+    return math.exp(nll_o / n), math.exp(nll_c / n), kld / n, same / n, n
+
+
+@pytest.mark.slow
+def test_eval_svd_checkpoint_matches_a_direct_computation(lm, tmp_path):
+    """Compress (per-matrix SVD, half the parameters), eval via the CLI, and recompute every
+    figure from a model whose projections were overwritten with the dense products of the
+    stored factors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, path, calib, evaluation = lm
+    out = tmp_path / "svd"
+    res = run("compress", path, "-o", out, "--method", "svd", "--params", "0.5", "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "300", "--seq-len", "128",
+              "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tensors = load_file(out / "model.safetensors")
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    for i, layer in enumerate(dense.model.layers):
+        for role, attr in names.items():
+            key = f"lowrank.layers.{i}.{role}"
+            W = tensors.get(f"{key}.weight")
+            W = tensors[f"{key}.down"] @ tensors[f"{key}.up"] if W is None else W
+            with torch.no_grad():
+                getattr(layer.self_attn, attr).weight.copy_(W.T)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tok(evaluation.read_text(), add_special_tokens=False)["input_ids"][:300])
+    ppl_o, ppl_c, kld, top1, n = _direct_scores(model, dense, ids, 128)
+    assert doc["tokens"] == n
+    assert doc["perplexity"]["original"] == pytest.approx(ppl_o, rel=1e-9)
+    assert doc["perplexity"]["compressed"] == pytest.approx(ppl_c, rel=1e-5)
+    assert doc["kl_divergence"]["mean"] == pytest.approx(kld, rel=1e-3, abs=1e-7)
+    assert doc["top1_agreement"] == pytest.approx(top1, abs=2 / n)
+    assert 0 < kld and doc["perplexity"]["compressed"] != doc["perplexity"]["original"]  # not a no-op
+
+
+@pytest.mark.slow
+def test_calibrated_svd_beats_uncalibrated_at_equal_parameters(lm, tmp_path):
+    """Measured, not assumed: same budget, calibration text disjoint from the eval text."""
+    model, path, calib, evaluation = lm
+    docs = {}
+    for name, extra in (("plain", []), ("calibrated", ["--calibrate", calib, "--calib-tokens", "1500"])):
+        res = run("compress", path, "-o", tmp_path / name, "--method", "svd", "--params", "0.4", "--json", "-q",
+                  *extra)
+        assert res.returncode == 0, res.stderr
+        comp = json.loads(res.stdout)
+        res = run("eval", tmp_path / name, "--against", path, "--text", evaluation, "--max-tokens", "400",
+                  "--seq-len", "200", "--json", "-q")
+        assert res.returncode == 0, res.stderr
+        docs[name] = (comp, json.loads(res.stdout))
+    (cp, ep), (cc, ec) = docs["plain"], docs["calibrated"]
+    assert cc["summary"]["params_compressed"] <= cp["summary"]["params_original"] * 0.4
+    assert cp["summary"]["params_compressed"] <= cp["summary"]["params_original"] * 0.4
+    assert ec["kl_divergence"]["mean"] < ep["kl_divergence"]["mean"]
+    # and the weight-space error tells the other story: calibration trades it for output accuracy
+    assert cc["summary"]["max_rel_error"] >= cp["summary"]["max_rel_error"]
+
+
+def test_eval_bad_inputs_are_one_line_exit_2(lm, tmp_path):
+    model, path, calib, evaluation = lm
+    res = run("eval", tmp_path / "nope", "--against", path, "--text", evaluation)
+    assert_user_error(res, "nope")
+    res = run("eval", path, "--against", path, "--text", tmp_path / "missing.txt")
+    assert_user_error(res, "missing.txt")
+    res = run("eval", path, "--against", path, "--text", evaluation, "--seq-len", "1")
+    assert_user_error(res, "--seq-len")
+
+
+@pytest.mark.slow
+def test_eval_exit_codes_missing_tokenizer_and_bounds(lm, tmp_path):
+    import shutil
+
+    model, path, calib, evaluation = lm
+    out = tmp_path / "svd"
+    assert run("compress", path, "-o", out, "--method", "svd", "--params", "0.3", "-q").returncode == 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(path / f, bare / f)
+    res = run("eval", out, "--against", bare, "--text", evaluation, "--max-tokens", "100")
+    assert_user_error(res, "no tokenizer found")
+    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "0",
+              "--json", "-q")
+    assert res.returncode == 1, res.stderr
+    doc = json.loads(res.stdout)
+    assert not doc["checks"]["passed"] and doc["kl_divergence"]["mean"] > 0
+    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "100",
+              "--max-ppl-ratio", "1000", "--json", "-q")
+    assert res.returncode == 0 and json.loads(res.stdout)["checks"]["passed"]
