@@ -128,9 +128,10 @@ def test_calibrated_tucker_beats_uncalibrated_on_held_out_inputs(tmp_path):
                 x = torch.cat([layer.input_layernorm(h[i])[0] for h in hs]).double()
             lw = adapter.layer(ckpt, spec, i)
             t = ck.layer(i, dtype=torch.float64)
-            for stack, core, fs in ((lw.pre, t.pre_core, t.pre_factors), (lw.post, t.post_core, t.post_factors)):
+            pre_hat = t.pre_factors[1] @ t.pre_mixers() @ t.pre_factors[2].T  # either structure
+            post_hat = torch.einsum("abc,ha,ib,jc->hij", t.post_core, *t.post_factors)
+            for stack, W_hat in ((lw.pre, pre_hat), (lw.post, post_hat)):
                 W = stack.to(dtype=torch.float64).dense()
-                W_hat = torch.einsum("abc,ha,ib,jc->hij", core, *fs)
                 total += float((x @ (W - W_hat) @ x.T).norm() ** 2 / (x @ W @ x.T).norm() ** 2)
         errs[name] = total
     assert errs["calibrated"] < errs["plain"]

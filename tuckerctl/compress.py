@@ -260,7 +260,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
             else:
                 want = fixed_pre if key == "pre" else fixed_post
             if key == "pre" and kind == QK_INPUT:
-                t, got, tensors, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
+                t, got, parts, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
                 want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
                 count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
             else:
@@ -271,11 +271,11 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
                 else:
                     wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
                     t, weighted = wt.tucker, wt.weighted_error
-                tensors = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
+                parts = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
                 count = tucker_params(stack.shape, t.ranks)
             if tuple(got) != tuple(want):
                 notes.append(f"layer {layer.index} {key}: ranks {list(want)} clamped to the mode ceilings {list(got)}")
-            factors.update({factor_name(layer.index, key, part): x for part, x in tensors.items()})
+            factors.update({factor_name(layer.index, key, part): x for part, x in parts.items()})
             rec[key] = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
                         "rel_error_hosvd": t.errors[0], "params": count}
             if calib is not None:  # rel_error is then the weight-space error of the mapped-back factors
