@@ -8,6 +8,9 @@ stacks alone, densely in float64.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -99,3 +102,42 @@ def one_line_error(fn, *needles):
     for n in needles:
         assert n in msg, msg
     return msg
+
+
+@dataclass
+class CliRun:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args) -> CliRun:
+    """``tuckerctl ARGS`` in this process: ``cli.main`` (with its exit-code mapping) inside
+    typer's CliRunner isolation, which captures stdout and stderr. Saves the 4-5 s torch
+    import of a subprocess; keep subprocesses for what needs the process boundary."""
+    from typer.testing import CliRunner
+
+    from tuckerctl.cli import main
+
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        sys.stdout.flush()  # the isolation's text wrappers buffer; the bytes are read below
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return CliRun(code, stdout, stderr)
+
+
+def assert_user_error(res, *fragments):
+    """Exit 2 with exactly one stderr line containing every fragment, no traceback
+    (``res``: a CliRun or a subprocess.CompletedProcess)."""
+    code = res.code if isinstance(res, CliRun) else res.returncode
+    assert code == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]

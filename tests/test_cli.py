@@ -1,4 +1,8 @@
-"""The command line as users and CI scripts see it: JSON on stdout, exit codes, one-line errors."""
+"""The command line as users and CI scripts see it: JSON on stdout, exit codes, one-line errors.
+
+Most cases run in-process (``oracle.run_cli``: ``cli.main`` under typer's CliRunner); the
+few that are about the process itself (the ``python -m tuckerctl`` entry point, exit codes
+and stderr as a shell sees them) run a subprocess."""
 
 import json
 import shutil
@@ -6,22 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from oracle import assert_user_error, run_cli
 from safetensors.torch import load_file, save_file
 
-CLI = [sys.executable, "-m", "tuckerctl"]
 
-
-def run(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(res, *fragments):
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+def subprocess_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tuckerctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def check_mode(m):
@@ -53,8 +48,8 @@ def check_analysis(doc, layers):
 
 
 def test_analyze_json_stdout_is_valid(tiny_llama):
-    res = run("analyze", tiny_llama, "--json", "--layers", "0,2", "--energy", "0.5,0.99")
-    assert res.returncode == 0, res.stderr
+    res = run_cli("analyze", tiny_llama, "--json", "--layers", "0,2", "--energy", "0.5,0.99")
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     check_analysis(doc, [0, 2])
     assert doc["settings"]["energy"] == [0.5, 0.99]
@@ -65,23 +60,23 @@ def test_analyze_json_stdout_is_valid(tiny_llama):
 
 def test_analyze_output_file_and_quiet(tiny_llama, tmp_path):
     out = tmp_path / "a.json"
-    res = run("analyze", tiny_llama, "--output", out, "--quiet")
-    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+    res = run_cli("analyze", tiny_llama, "--output", out, "--quiet")
+    assert res.code == 0 and res.stdout == "" and res.stderr == ""
     check_analysis(json.loads(out.read_text()), [0, 1, 2])
 
 
 def test_inspect(tiny_llama):
-    res = run("inspect", tiny_llama, "--json")
-    assert res.returncode == 0
+    res = run_cli("inspect", tiny_llama, "--json")
+    assert res.code == 0
     doc = json.loads(res.stdout)
     assert doc["model"]["attention"] == "GQA"
     assert [t["name"] for t in doc["layer0"]["tensors"]][0] == "model.layers.0.self_attn.q_proj.weight"
 
 
 def test_help_has_examples():
-    for cmd in ("analyze", "inspect"):
-        res = run(cmd, "--help")
-        assert res.returncode == 0 and "Example" in res.stdout
+    for cmd in ("analyze", "inspect", "compress", "verify", "report"):
+        res = run_cli(cmd, "--help")
+        assert res.code == 0 and "Example" in res.stdout
 
 
 def test_truncated_file(tiny_llama, tmp_path):
@@ -89,7 +84,7 @@ def test_truncated_file(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, dst)
     data = (dst / "model.safetensors").read_bytes()
     (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert_user_error(run("analyze", dst), "model.safetensors", "truncated")
+    assert_user_error(run_cli("analyze", dst), "model.safetensors", "truncated")
 
 
 def test_missing_shard(tiny_llama, tmp_path):
@@ -103,7 +98,7 @@ def test_missing_shard(tiny_llama, tmp_path):
     wm = {k: ("model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors")
           for i, k in enumerate(names)}
     (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
-    assert_user_error(run("analyze", dst), "missing shard model-00002-of-00002.safetensors")
+    assert_user_error(run_cli("analyze", dst), "missing shard model-00002-of-00002.safetensors")
 
 
 def test_unknown_family(tiny_llama, tmp_path):
@@ -112,29 +107,42 @@ def test_unknown_family(tiny_llama, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (dst / "config.json").write_text(json.dumps(cfg))
-    assert_user_error(run("analyze", dst), "unknown family 'mamba'")
+    assert_user_error(run_cli("analyze", dst), "unknown family 'mamba'")
 
 
 def test_inconsistent_heads(tiny_llama):
-    assert_user_error(run("analyze", tiny_llama, "--heads", "4"), "q_proj.weight", "heads=4")
+    assert_user_error(run_cli("analyze", tiny_llama, "--heads", "4"), "q_proj.weight", "heads=4")
 
 
 @pytest.mark.parametrize("args,fragment", [
     (("--layers", "7"), "--layers"), (("--energy", "1.5"), "--energy"), (("--device", "tpu"), "--device")])
 def test_bad_options(tiny_llama, args, fragment):
-    assert_user_error(run("analyze", tiny_llama, *args), fragment)
+    assert_user_error(run_cli("analyze", tiny_llama, *args), fragment)
 
 
 def test_no_config_needs_heads(tiny_llama, tmp_path):
     dst = tmp_path / "m"
     dst.mkdir()
     shutil.copy(tiny_llama / "model.safetensors", dst)
-    assert_user_error(run("analyze", dst), "--heads")
-    res = run("analyze", dst, "--heads", "8", "--kv-heads", "2", "--json", "--quiet")
-    assert res.returncode == 0, res.stderr
+    assert_user_error(run_cli("analyze", dst), "--heads")
+    res = run_cli("analyze", dst, "--heads", "8", "--kv-heads", "2", "--json", "--quiet")
+    assert res.code == 0, res.stderr
     assert json.loads(res.stdout)["layers"][0]["pre"]["modes"]["key"]["numerical_rank"] == 32
 
 
 def test_usage_error_exit_code():
-    assert run("analyze").returncode == 2
-    assert run("frobnicate").returncode == 2
+    assert run_cli("analyze").code == 2
+    assert run_cli("frobnicate").code == 2
+
+
+def test_process_exit_codes_and_one_line_errors(tiny_llama, tmp_path):
+    """The entry point as a shell sees it: exit 2 with one stderr line and no traceback for
+    bad input, 2 for bad usage, 0 and JSON on stdout for success."""
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_llama, dst)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_user_error(subprocess_cli("analyze", dst), "model.safetensors", "truncated")
+    assert subprocess_cli("frobnicate").returncode == 2
+    res = subprocess_cli("inspect", tiny_llama, "--json", "--quiet")
+    assert res.returncode == 0 and json.loads(res.stdout)["model"]["attention"] == "GQA" and res.stderr == ""

@@ -186,3 +186,20 @@ def test_mode_summary_follows_the_definitions():
     p = [s / sum(sigma) for s in sigma if s > 0]
     assert math.isclose(m["entropy_rank"], math.exp(-sum(x * math.log(x) for x in p)), rel_tol=1e-12)
     assert math.isclose(m["stable_rank"], sum(s * s for s in sigma) / 25.0, rel_tol=1e-12)
+
+
+def test_tucker_value_is_a_tensorly_tucker_tensor():
+    """``core, factors = t`` unpacks; TensorLy's tucker_to_tensor (PyTorch backend) rebuilds
+    the same tensor from the value and from ``to_tensorly()``; at full rank that is W."""
+    torch.manual_seed(0)
+    stack = HeadStack(torch.randn(6, 20, 4, dtype=torch.float64), torch.randn(2, 20, 4, dtype=torch.float64))
+    t = tucker(stack, (6, 20, 20))
+    core, factors = t
+    assert core is t.core and factors is t.factors
+    tt = t.to_tensorly()
+    assert tt.rank == t.ranks and tt.shape == stack.shape
+    backend = tl.get_backend()
+    with tl.backend_context("pytorch", local_threadsafe=True):
+        for value in (t, tt):
+            assert torch.allclose(tl.tucker_to_tensor(value), stack.dense(), atol=1e-12, rtol=0)
+    assert tl.get_backend() == backend

@@ -169,6 +169,9 @@ def analyze(
     energy: str = ENERGY,
     tol: Optional[float] = TOL,
     rope_offsets: int = ROPE_OFFSETS,
+    cross_check: bool = typer.Option(False, "--cross-check", help="Also compute the spectra of every layer "
+                                     "of at most 16 Mi numbers per tensor the dense way, with TensorLy; exit 1 "
+                                     "when they deviate by more than 1e-6 sigma_1."),
     device: str = DEVICE,
     revision: Optional[str] = REVISION,
     wide: bool = typer.Option(False, "--wide", help="One table for both tensors (needs a wide terminal)."),
@@ -190,7 +193,24 @@ def analyze(
                           revision=revision, rope_offsets=rope_offsets)
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
                                           "models": docs}
+    if cross_check:
+        from .crosscheck import cross_check as check
+
+        for src, d in zip(paths, docs):
+            cc = d["cross_check"] = check(src, d, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                          family=family, rope_offsets=rope_offsets, device=device,
+                                          revision=revision)
+            if not quiet:
+                err.print(f"cross-check against TensorLy ({src}): {len(cc['layers'])} layers, largest deviation "
+                          f"{cc['max_deviation']:.2e} sigma_1 (tolerance {cc['tolerance']:g})"
+                          + (f"; not checked (too large): {cc['skipped']}" if cc["skipped"] else ""),
+                          highlight=False)
     emit_json(doc, json_out, output)
+    worst = max((d["cross_check"]["max_deviation"] for d in docs if not d["cross_check"]["passed"]),
+                default=None) if cross_check else None
+    if worst is not None:
+        raise CheckFailed(f"structured spectra deviate from TensorLy's by {worst:.3g} sigma_1 "
+                          f"(tolerance {docs[0]['cross_check']['tolerance']:g})")
 
 
 @app.command()
@@ -437,10 +457,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """tuckerctl: what ranks does this model's attention really have, and how far can it be compressed?"""
 
 
-def main() -> None:
-    """Console entry point: maps library errors to exit codes without tracebacks."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps library errors to exit codes without tracebacks.
+    ``argv`` defaults to ``sys.argv[1:]`` (tests pass it to run the CLI in-process)."""
     try:
-        app()
+        app(args=argv)
     except InputError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -326,20 +326,35 @@ def frobenius_norm_sq(red: Reduced) -> Tensor:
 @dataclass
 class Tucker:
     """Tucker factors of ``W``: core (r1, r2, r3), U1 (H, r1), U2 (m, r2), U3 (n, r3).
-    ``rel_error`` is ||W - W_hat||_F / ||W||_F, accumulated in the stack's dtype."""
+    ``rel_error`` is ||W - W_hat||_F / ||W||_F, accumulated in the stack's dtype.
+
+    Unpacks like TensorLy's ``TuckerTensor`` (``core, factors = t``), so TensorLy's
+    functions apply directly: ``tl.tucker_to_tensor(t)`` under the PyTorch backend equals
+    ``t.to_tensor()`` (docs/mathematics.md, "Tucker values")."""
 
     core: Tensor
     factors: list[Tensor]
     rel_error: float
     errors: list[float] = field(default_factory=list)  # after HOSVD and each HOOI sweep
 
+    def __iter__(self):
+        return iter((self.core, self.factors))
+
     @property
     def ranks(self) -> tuple[int, int, int]:
         return tuple(self.core.shape)
 
     def to_tensor(self) -> Tensor:
+        """The dense tensor (H, m, n). Only for small tensors and tests."""
         U1, U2, U3 = self.factors
         return torch.einsum("abc,ha,ib,jc->hij", self.core, U1, U2, U3)
+
+    def to_tensorly(self):
+        """The same tensors as a ``tensorly.tucker_tensor.TuckerTensor`` (shapes validated by
+        TensorLy; no copy). TensorLy is imported here, not at start-up."""
+        from tensorly.tucker_tensor import TuckerTensor
+
+        return TuckerTensor((self.core, list(self.factors)))
 
 
 def _core_reduced(red: Reduced, U1: Tensor, V2: Tensor, V3: Tensor) -> Tensor:

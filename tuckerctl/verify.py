@@ -3,7 +3,8 @@
 Independent of the structured error formula used while compressing:
 
 (a) weights: per layer, the relative Frobenius error of both tensors, computed per
-    head densely on the device (float64) in batches, from the files;
+    head densely on the device (float64) in batches, from the files, with the Tucker side
+    rebuilt by TensorLy;
 (b) function: attention logits and attention output of the original per-head weights
     vs. :class:`tuckerctl.nn.TuckerAttention` on random token inputs (fixed seed).
 
@@ -35,19 +36,27 @@ _BATCH_ELEMENTS = 1 << 24  # 128 MB of float64 per batch of dense head slices
 def weight_error(stack: HeadStack, core: torch.Tensor, factors: list[torch.Tensor]) -> float:
     """||W - W_hat||_F / ||W||_F, forming W[h] and W_hat[h] densely a few heads at a time.
     ``core`` (r1, r2, r3) with ``factors`` [U1, U2, U3]; ``U1`` None means ``core`` already
-    holds the per-head mixers M_h (H, r2, r3) (the qk_input structure)."""
+    holds the per-head mixers M_h (H, r2, r3) (the qk_input structure: U1 = identity).
+
+    W_hat[h] is rebuilt by TensorLy's ``tucker_to_tensor`` (PyTorch backend, on the
+    factors' device): an implementation independent of the structured code that produced
+    the factors. The backend is set for this thread only and restored afterwards."""
+    import tensorly as tl  # lazy: only verify pays for the import
+
     U1, U2, U3 = factors
     H, m, n = stack.shape
-    mix = core if U1 is None else torch.einsum("hj,jab->hab", U1, core)  # M_h = sum_j U1[h, j] C[j]
+    if U1 is None:
+        U1 = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
     step = max(1, _BATCH_ELEMENTS // (m * n))
     num = torch.zeros((), dtype=torch.float64, device=core.device)
     den = torch.zeros((), dtype=torch.float64, device=core.device)
-    for s in range(0, H, step):
-        heads = slice(s, min(H, s + step))
-        W = stack.head_slices(heads)
-        diff = W - U2 @ mix[heads] @ U3.T
-        num += (diff * diff).sum()
-        den += (W * W).sum()
+    with tl.backend_context("pytorch", local_threadsafe=True):
+        for s in range(0, H, step):
+            heads = slice(s, min(H, s + step))
+            W = stack.head_slices(heads)
+            diff = W - tl.tucker_to_tensor((core, [U1[heads], U2, U3]))
+            num += (diff * diff).sum()
+            den += (W * W).sum()
     return float((num / den).sqrt()) if den > 0 else 0.0
 
 
