@@ -111,7 +111,9 @@ def test_low_rank_reported_error_equals_dense_and_hooi_helps(kind, tmp_path):
 def test_verify_weight_errors_match_dense(tmp_path):
     src = make_llama(tmp_path / "src", bias=True)
     compress(src, tmp_path / "out", structure="tucker", ranks="4,20,10", device="cpu")
-    res = verify(tmp_path / "out", src, device="cpu", tokens=32)
+    with tl.backend_context("numpy"):  # a user's process on another TensorLy backend
+        res = verify(tmp_path / "out", src, device="cpu", tokens=32)
+        assert tl.get_backend() == "numpy"  # verify's PyTorch backend did not leak
     tk = tuckerctl.load(tmp_path / "out")
     for layer, t, row in zip(source_layers(src), tk, res["layers"]):
         assert abs(row["pre"]["rel_error"] - dense_error(layer.pre, t.pre_core, t.pre_factors)) <= 1e-9
@@ -126,7 +128,6 @@ def test_verify_weight_errors_match_dense(tmp_path):
         assert row["logits_rel_error"] == pytest.approx(rel_err(logits_hat, logits), rel=1e-6)
         assert row["output_rel_error"] == pytest.approx(rel_err(y_hat, y), rel=1e-6)
         assert row["output_rel_error"] > 1e-3  # rank 4,20,10 of 8,49,17: a real, not a vacuous, error
-    assert tl.get_backend() == "numpy"  # verify's TensorLy backend did not leak
 
 
 def tucker_dense(core, factors):

@@ -198,8 +198,6 @@ def test_tucker_value_is_a_tensorly_tucker_tensor():
     assert core is t.core and factors is t.factors
     tt = t.to_tensorly()
     assert tt.rank == t.ranks and tt.shape == stack.shape
-    backend = tl.get_backend()
     with tl.backend_context("pytorch", local_threadsafe=True):
         for value in (t, tt):
             assert torch.allclose(tl.tucker_to_tensor(value), stack.dense(), atol=1e-12, rtol=0)
-    assert tl.get_backend() == backend
