@@ -26,7 +26,8 @@ def check_mode(m):
     assert all(isinstance(v, int) for v in m["energy_ranks"].values())
     sv = m["singular_values"]
     assert all(a >= b for a, b in zip(sv, sv[1:])) and len(sv) <= m["size"]
-    assert m["numerical_rank"] <= m["ceiling"] <= m["size"]
+    assert m["numerical_rank"] <= m["structural_rank"] <= m["ceiling"] <= m["size"]
+    assert 0 < m["tol"] < 1
 
 
 def check_analysis(doc, layers):
@@ -36,7 +37,8 @@ def check_analysis(doc, layers):
     for key, typ in (("family", str), ("layers", int), ("d", int), ("heads", int), ("kv_heads", int),
                      ("head_dim", int), ("bias", bool), ("rope", bool), ("qk_norm", bool)):
         assert isinstance(model[key], typ), key
-    assert isinstance(doc["settings"]["energy"], list) and isinstance(doc["settings"]["tol"], float)
+    assert isinstance(doc["settings"]["energy"], list) and doc["settings"]["tol"] is None
+    assert doc["settings"]["noise_model"]["dtype"] == "F32" and 0 < doc["settings"]["noise_model"]["relative_rms"] < 1e-7
     assert [layer["index"] for layer in doc["layers"]] == layers
     for layer in doc["layers"]:
         for key, modes in (("pre", ("head", "query", "key")), ("post", ("head", "output", "value"))):

@@ -21,8 +21,9 @@ from .device import resolve_device
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .multilinear import frobenius_norm_sq, mode_spectra, reduce
+from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
-from .ranks import DEFAULT_ENERGY, DTYPE_TOL, energy_rank, family_ceilings, mode_summary, tucker_params
+from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
 from .usage import parse_layer_spec
 
@@ -68,9 +69,31 @@ def iter_layers(adapter, ckpt: Checkpoint, spec: ModelSpec, indices: Iterable[in
             yield current
 
 
-def default_tol(ckpt: Checkpoint, layer: LayerWeights) -> float:
-    """Numerical-rank tolerance from the stored dtype of the layer's first tensor."""
-    return DTYPE_TOL.get(ckpt.dtype(layer.tensors[0]), DTYPE_TOL["F32"]) if layer.tensors else 1e-6
+def stored_dtype(ckpt: Checkpoint, layer: LayerWeights) -> str:
+    """Stored dtype (or GGUF quantisation type) of the layer's first attention tensor."""
+    return ckpt.dtype(layer.tensors[0]) if layer.tensors else "F32"
+
+
+def storage_eps(dtype: str) -> tuple[float, str]:
+    """Relative rms storage error of ``dtype`` (:mod:`tuckerctl.noise`), F32's when unknown."""
+    try:
+        return relative_rms_error(dtype), dtype
+    except ValueError:
+        return relative_rms_error("F32"), f"{dtype} (no rounding model: F32's used)"
+
+
+def gauge_fixed(stack):
+    """Per-head qk-norm gauge: RMSNorm over each head's q (k) makes the model invariant to
+    rescaling each head's query (group's key) factor, so fix the scale: every head's folded
+    query factor, and every group's key factor, rescaled to the layer's rms Frobenius norm."""
+    if stack.left_basis is not None or stack.right_basis is not None:
+        return stack
+
+    def even(x):
+        norms = x.flatten(1).norm(dim=1).clamp_min(1e-300)
+        return x * (norms.square().mean().sqrt() / norms)[:, None, None]
+
+    return replace(stack, left=even(stack.left), right=even(stack.right))
 
 
 def tradeoff_grids(red, groups: list[int], width: int, ceilings) -> list[list[int]]:
@@ -98,21 +121,29 @@ def exact_tradeoff(red, groups: list[int], width: int, ceilings) -> dict:
     return out
 
 
-def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float, device,
+def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float | None, device,
                    groups: list[int] | None = None, width: int | None = None,
-                   rope: tuple[Rotation, int] | None = None) -> dict:
+                   rope: tuple[Rotation, int] | None = None, eps: float = 0.0) -> dict:
     """Spectra and effective ranks of one head stack (computed in float64); with ``groups``
     also the exact trade-off errors (:func:`exact_tradeoff`, under ``"exact"``); with ``rope``
-    (rotation, offsets) the spectra are averaged over offsets 0..offsets-1 (:mod:`tuckerctl.rope`)."""
+    (rotation, offsets) the spectra are averaged over offsets 0..offsets-1 (:mod:`tuckerctl.rope`).
+    Numerical ranks: above ``tol`` (relative) if given, else above the rounding noise of weights
+    stored with relative rms error ``eps``; either clamped to the method's floor (:mod:`tuckerctl.noise`)."""
     st = stack.to(device=device, dtype=torch.float64)
     red = reduce(st)
     spectra = averaged_spectra(red, *rope) if rope else mode_spectra(red)
+    floors = resolution(red, averaged=rope is not None)
+    if tol is None:
+        nu = mode_noise(red, st.shape[1], st.shape[2], eps, eps)
+        tols = [max(v / float(s[0]), f) if len(s) and float(s[0]) > 0 else f for v, s, f in zip(nu, spectra, floors)]
+    else:
+        tols = [max(tol, f) for f in floors]
     gram = spectra.head_gram
     diag = gram.diagonal().clamp_min(1e-300).sqrt()
     cos = (gram / diag[:, None] / diag[None, :]).cpu()
     shape = st.shape
-    modes = {name: mode_summary(s, size, ceil, energies, tol)
-             for name, s, size, ceil in zip(names, spectra, shape, st.ceilings)}
+    modes = {name: mode_summary(s, size, ceil, energies, t, f)
+             for name, s, size, ceil, t, f in zip(names, spectra, shape, st.ceilings, tols, floors)}
     # ||W||_F of the zero-offset form (the exact errors below are relative to it).
     out = {"shape": list(shape), "norm": float(frobenius_norm_sq(red).clamp_min(0).sqrt()),
            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
@@ -125,13 +156,15 @@ def _ranks_at(tensor: dict, tau: float) -> list[int]:
     return [max(1, energy_rank(m["singular_values"], tau)) for m in tensor["modes"].values()]
 
 
-def analyze_layer(layer: LayerWeights, energies, tol: float, device, groups: list[int] | None = None,
-                  rope: tuple[Rotation, int] | None = None) -> dict:
+def analyze_layer(layer: LayerWeights, energies, tol: float | None, device, groups: list[int] | None = None,
+                  rope: tuple[Rotation, int] | None = None, eps: float = 0.0, gauge: bool = False) -> dict:
     out = {"index": layer.index}
     for key in ("pre", "post"):
         stack = getattr(layer, key)
+        if gauge and key == "pre":
+            stack = gauge_fixed(stack)
         out[key] = analyze_tensor(stack, MODE_NAMES[key], energies, tol, device, groups, stack.left.shape[2],
-                                  rope if key == "pre" else None)
+                                  rope if key == "pre" else None, eps)
     ranks = {key: _ranks_at(out[key], PARAMS_ENERGY) for key in ("pre", "post")}
     tucker = sum(tucker_params(out[k]["shape"], ranks[k]) for k in ranks)
     out["params"] = {"original": layer.params, f"tucker_{PARAMS_ENERGY:g}": tucker,
@@ -140,8 +173,9 @@ def analyze_layer(layer: LayerWeights, energies, tol: float, device, groups: lis
     return out
 
 
-def verdicts(spec: ModelSpec, layers: list[dict]) -> list[str]:
-    """Plain-language reading of the measured ranks against the ceilings."""
+def verdicts(spec: ModelSpec, layers: list[dict], noise: str = "the tolerance") -> list[str]:
+    """Plain-language reading of the measured ranks against the ceilings; ``noise`` names what
+    the numerical rank's tolerance stands for."""
     ceil = family_ceilings(spec.attention, spec.d, spec.heads, spec.kv_heads, spec.head_dim,
                            spec.value_dim, spec.extras.get("q_lora_rank"),
                            spec.extras.get("kv_lora_rank"), spec.extras.get("qk_rope_head_dim", 0))
@@ -151,6 +185,7 @@ def verdicts(spec: ModelSpec, layers: list[dict]) -> list[str]:
         for mode_index, mode in enumerate(MODE_NAMES[key]):
             ms = [layer[key]["modes"][mode] for layer in layers]
             at_ceiling = sum(m["numerical_rank"] >= m["ceiling"] for m in ms)
+            structural = sum(m.get("structural_rank", 0) >= m["ceiling"] for m in ms)
             size = ms[0]["size"]
             c = ms[0]["ceiling"]
             fam = ceil[key][mode_index]
@@ -158,8 +193,8 @@ def verdicts(spec: ModelSpec, layers: list[dict]) -> list[str]:
             if c < size:
                 where = f"the {spec.attention} ceiling {c}" + (f" (= {_ceiling_formula(spec, key, mode)})"
                                                                if _ceiling_formula(spec, key, mode) else "")
-                lines.append(f"{label} {mode} mode: numerical rank at {where} in {at_ceiling} of {n} layers; "
-                             f"0.99-energy rank {e99:.0f} on average")
+                lines.append(f"{label} {mode} mode: structural rank at {where} in {structural} of {n} layers, "
+                             f"numerical rank (above {noise}) in {at_ceiling}; 0.99-energy rank {e99:.0f} on average")
             else:
                 full = "full" if at_ceiling == n else f"full in {at_ceiling} of {n} layers"
                 lines.append(f"{label} {mode} mode: {full} (size {size}); 0.99-energy rank {e99:.0f} on average"
@@ -202,14 +237,16 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
     indices = parse_layers(layers, spec.layers)
     results = []
-    used_tol = tol
+    noise_model = None
+    gauge = spec.qk_norm and str(spec.extras.get("qk_norm_type", "")).startswith("per_head")
     groups = gqa_groups(spec.heads, spec.kv_heads if spec.attention != "MLA" else None)
     rope, rope_form = rope_setting(spec, rope_offsets)
     tables: dict = {}
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
-        if used_tol is None:
-            used_tol = default_tol(ckpt, layer)
-        result = analyze_layer(layer, energy, used_tol, dev, groups, rope)
+        if noise_model is None:
+            eps, dtype = storage_eps(stored_dtype(ckpt, layer))
+            noise_model = {"dtype": dtype, "relative_rms": eps}
+        result = analyze_layer(layer, energy, tol, dev, groups, rope, noise_model["relative_rms"], gauge)
         for key in ("pre", "post"):
             exact = result[key].pop("exact")
             result[key]["gqa"] = exact["gqa"]
@@ -222,13 +259,15 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         "tool_version": __version__,
         "source": source_fields(path, ckpt),
         "model": spec.as_dict(),
-        "settings": {"energy": list(energy), "tol": used_tol, "device": str(dev), "layers": indices,
-                     "rope_form": rope_form},
+        "settings": {"energy": list(energy), "tol": tol, "noise_model": noise_model, "device": str(dev),
+                     "layers": indices, "rope_form": rope_form,
+                     "qk_norm_gauge": "per-head query/key factors rescaled to equal Frobenius norms" if gauge
+                     else None},
         "layers": results,
     }
     tucker_key = f"tucker_{PARAMS_ENERGY:g}"
     tradeoff = {key: _summary_tradeoff(results, key, tables.get(key)) for key in ("pre", "post")} if results else {}
-    doc["summary"] = {"verdicts": verdicts(spec, results) if results else [],
+    doc["summary"] = {"verdicts": verdicts(spec, results, noise_phrase(tol, noise_model)) if results else [],
                       "params_original": sum(r["params"]["original"] for r in results),
                       f"params_{tucker_key}": sum(r["params"][tucker_key] for r in results),
                       "tradeoff": tradeoff,
@@ -254,7 +293,9 @@ def headline(spec: ModelSpec, layers: list[dict]) -> list[str]:
         for mode in MODE_NAMES[key]:
             ms = [layer[key]["modes"][mode] for layer in layers]
             ceil, size = ms[0]["ceiling"], ms[0]["size"]
-            at = sum(m["numerical_rank"] >= m["ceiling"] for m in ms)
+            # The structural rank (exact arithmetic on the stored weights): the numerical rank of
+            # quantised weights sits below the ceiling however the model was trained.
+            at = sum(m.get("structural_rank", m["numerical_rank"]) >= m["ceiling"] for m in ms)
             e99 = sum(m["energy_ranks"].get("0.99", m["numerical_rank"]) for m in ms) / n
             if mode != "head" and ceil < size:
                 (capped if at == n else below).append((mode, ceil, at, _ceiling_formula(spec, key, mode)))
@@ -286,6 +327,16 @@ def headline(spec: ModelSpec, layers: list[dict]) -> list[str]:
                          f"attention parameters: compressible at that accuracy "
                          f"(try `tuckerctl compress --energy 0.99`).")
     return lines
+
+
+def noise_phrase(tol: float | None, noise_model: dict | None) -> str:
+    """What the numerical rank's tolerance means, for the verdicts."""
+    if tol is not None:
+        return f"--tol {tol:g}, clamped to what the float64 method resolves"
+    dtype = (noise_model or {}).get("dtype", "F32")
+    kind = "quantisation noise" if dtype.startswith(("Q", "IQ")) else "rounding noise"
+    return (f"the {kind} of the stored {dtype} weights, relative rms {noise_model['relative_rms']:.2g}, "
+            f"estimated per mode")
 
 
 def rope_setting(spec: ModelSpec, offsets: int) -> tuple[tuple[Rotation, int] | None, str | None]:

@@ -11,9 +11,6 @@ import torch
 
 DEFAULT_ENERGY = (0.9, 0.99, 0.999)
 
-# Default numerical-rank tolerance relative to sigma_1, by stored dtype: a value
-# below this is indistinguishable from rounding of the stored weights.
-DTYPE_TOL = {"F64": 1e-12, "F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "F8_E4M3": 6e-2, "F8_E5M2": 1.2e-1}
 
 
 def energy_rank(sigma: Sequence[float], tau: float) -> int:
@@ -38,13 +35,15 @@ def numerical_rank(sigma: Sequence[float], tol: float) -> int:
 
 
 def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
-                 energies: Sequence[float], tol: float) -> dict:
+                 energies: Sequence[float], tol: float, floor: float = 0.0) -> dict:
     """The per-mode record of the analysis JSON (``M`` in the README): energy and
     numerical ranks as defined above, entropy rank exp(-sum p_i log p_i) with
     p_i = sigma_i / sum sigma, and stable rank sum sigma_i^2 / sigma_1^2. Vectorised:
-    thousands of values per mode, six modes per layer, every layer."""
+    thousands of values per mode, six modes per layer, every layer. ``tol``: relative tolerance of
+    the numerical rank (recorded as ``tol``); ``floor``: relative level below which the computation
+    does not resolve values: the structural rank counts the values above it."""
     s = torch.as_tensor(sigma, dtype=torch.float64).cpu()
-    out = {"size": size, "ceiling": ceiling, "numerical_rank": 0,
+    out = {"size": size, "ceiling": ceiling, "numerical_rank": 0, "structural_rank": 0, "tol": tol,
            "energy_ranks": {f"{t:g}": 0 for t in energies}, "entropy_rank": 0.0, "stable_rank": 0.0,
            "singular_values": s.tolist()}
     if not len(s) or s[0] <= 0:
@@ -55,6 +54,7 @@ def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
     p = s[s > 0] / s.sum()
     out.update(
         numerical_rank=int((s > tol * s[0]).sum()),
+        structural_rank=int((s > floor * s[0]).sum()),
         energy_ranks={f"{t:g}": min(len(s), int(torch.searchsorted(cum, t * total * (1 - 1e-12))) + 1)
                       for t in energies},
         entropy_rank=float(torch.exp(-(p * torch.log(p)).sum())),

@@ -149,7 +149,8 @@ def validate_analysis(doc, source: str = "analysis") -> dict:
     energies = c.numbers(settings, "energy", "settings.energy")
     if not energies:
         c.fail("settings.energy", "must list at least one energy level")
-    c.num(settings, "tol", "settings.tol")
+    if settings.get("tol") is not None:  # null: tolerance from the rounding model, per mode
+        c.num(settings, "tol", "settings.tol")
     summary = c.get(doc, "summary", "summary")
     verdicts = c.get(summary, "verdicts", "summary.verdicts")
     if not isinstance(verdicts, list) or not all(isinstance(v, str) for v in verdicts):

@@ -32,8 +32,11 @@ def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
     for note in model.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
     energies = [f"{t:g}" for t in doc["settings"]["energy"]]
+    st = doc["settings"]
+    tol = f"σ > {st['tol']:g}·σ_1" if st.get("tol") is not None else \
+        f"σ above the {(st.get('noise_model') or {}).get('dtype', 'stored dtype')} storage noise, per mode"
     console.print(f"Ranks per layer and mode: energy ranks at {' / '.join(energies)} | numerical rank/ceiling "
-                  f"(σ > {doc['settings']['tol']:g}·σ_1); [green]green[/green]: at the ceiling", highlight=False)
+                  f"({tol}); [green]green[/green]: at the ceiling", highlight=False)
     groups = [("pre", "post")] if wide else [("pre",), ("post",)]
     for keys in groups:
         title = " and ".join(TENSOR_LABELS[k] for k in keys)
