@@ -38,7 +38,8 @@ def check_analysis(doc, layers):
                      ("head_dim", int), ("bias", bool), ("rope", bool), ("qk_norm", bool)):
         assert isinstance(model[key], typ), key
     assert isinstance(doc["settings"]["energy"], list) and doc["settings"]["tol"] is None
-    assert doc["settings"]["noise_model"]["dtype"] == "F32" and 0 < doc["settings"]["noise_model"]["relative_rms"] < 1e-7
+    noise = doc["settings"]["noise_model"]
+    assert noise["dtype"] == "F32" and 0 < noise["relative_rms"] < 1e-7
     assert [layer["index"] for layer in doc["layers"]] == layers
     for layer in doc["layers"]:
         for key, modes in (("pre", ("head", "query", "key")), ("post", ("head", "output", "value"))):
