@@ -62,12 +62,17 @@ def test_smollm2_gguf_ranks_follow_gqa_theory():
     for layer in doc["layers"]:
         for key, mode in (("pre", "key"), ("post", "value")):
             mm = layer[key]["modes"][mode]
-            # G * d_h = 192 exactly: the ceiling, reached, and nothing beyond it.
-            assert mm["ceiling"] == 192 and mm["numerical_rank"] == 192 and len(mm["singular_values"]) == 192
+            # G * d_h = 192 exactly: the ceiling, reached structurally, and nothing beyond it; the
+            # 4-bit quantisation noise (relative rms 0.08) hides the small directions.
+            assert mm["ceiling"] == 192 and mm["structural_rank"] == 192 and len(mm["singular_values"]) == 192
             assert mm["singular_values"][-1] / mm["singular_values"][0] > 1e-5
-        assert layer["pre"]["modes"]["head"]["numerical_rank"] == 9
+            assert 0 < mm["numerical_rank"] <= 192 and mm["tol"] > 1e-2
+        assert layer["pre"]["modes"]["key"]["numerical_rank"] < 192
+        assert layer["pre"]["modes"]["head"]["structural_rank"] == 9
         assert layer["pre"]["modes"]["query"]["ceiling"] == 576
     assert any("GQA ceiling 192" in v and "30 of 30" in v for v in doc["summary"]["verdicts"])
+    assert doc["settings"]["noise_model"]["dtype"] == "Q4_1"
+    assert any("quantisation noise of the stored Q4_1" in v for v in doc["summary"]["verdicts"])
 
 
 @needs_smol

@@ -293,7 +293,9 @@ def fig_ranks(analyses: list[dict]) -> Figure:
         handles = [Line2D([], [], color=_shade("#666666", a), marker=m, ms=5, lw=1.4, label=f"energy rank r({e})")
                    for e, (a, m) in zip(energies, styles)]
         handles.append(Line2D([], [], color="#222222", ls="none", marker="x", ms=6,
-                              label=f"numerical rank (σ > {analyses[0]['settings']['tol']:g}·σ_1)"))
+                              label="numerical rank (σ > " + (f"{analyses[0]['settings']['tol']:g}·σ_1"
+                                                   if analyses[0]["settings"].get("tol") is not None
+                                                   else "storage noise") + ")"))
         handles.append(Line2D([], [], color="#777777", ls="--", lw=1, label="rank ceiling of a family"))
         fig.suptitle("Effective ranks by layer against the MHA / GQA / MLA ceilings"
                      + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=11)

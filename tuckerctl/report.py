@@ -443,7 +443,10 @@ def _model_rows(a: dict) -> list[tuple[str, str]]:
     s = a["settings"]
     rows.append(("analysed layers", _layer_span([layer["index"] for layer in a["layers"]])))
     rows.append(("energy levels τ", ", ".join(f"{e:g}" for e in s["energy"])))
-    rows.append(("numerical-rank tolerance", f"{s['tol']:g} · σ_1"))
+    noise = s.get("noise_model") or {}
+    rows.append(("numerical-rank tolerance", f"{s['tol']:g} · σ_1" if s.get("tol") is not None else
+                 f"storage noise of {noise.get('dtype', '?')} weights "
+                 f"(relative rms {noise.get('relative_rms', 0):.2g}), per mode"))
     rows.append(("tool version", str(a.get("tool_version", "?"))))
     return rows
 
