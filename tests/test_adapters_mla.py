@@ -143,7 +143,7 @@ def attn_params(attn) -> int:
 
 
 def expected_ceilings(spec):
-    """DESIGN section 3's MLA row (architectures.md section 6 for the no-q-LoRA query mode)."""
+    """docs/mathematics.md section 2's MLA rows (with and without q-LoRA)."""
     ex, d = spec.extras, spec.d
     r_q, r_kv, d_r, d_v = ex["q_lora_rank"], ex["kv_lora_rank"], ex["qk_rope_head_dim"], ex["v_head_dim"]
     query = r_q if r_q is not None else min(d, spec.heads * spec.head_dim)
@@ -182,8 +182,8 @@ def test_rebuilds_transformers_attention(name, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_shared_bases_and_ceilings(name, tmp_path_factory):
-    """The stacks keep the latent projections as shared bases; the ceilings are DESIGN
-    section 3's MLA row, and generic random weights reach them (dense ranks)."""
+    """The stacks keep the latent projections as shared bases; the ceilings are
+    docs/mathematics.md section 2's MLA row, and generic random weights reach them (dense ranks)."""
     _, path = build(name, tmp_path_factory)
     ckpt, adapter, spec = read(path)
     layer = adapter.layer(ckpt, spec, 0)

@@ -366,7 +366,7 @@ def calibration_record(calibrate, moments) -> dict | None:
 
 
 def _kv_cache(spec) -> int:
-    """Numbers cached per token by the original attention (DESIGN section 3)."""
+    """Numbers cached per token by the original attention (docs/mathematics.md section 3)."""
     if spec.attention == "MLA":
         return int(spec.extras.get("kv_lora_rank", 0)) + int(spec.extras.get("qk_rope_head_dim", 0))
     return spec.kv_heads * (spec.head_dim + spec.value_dim)

@@ -6,7 +6,7 @@ tensors carry Hugging Face names (``model.layers.{i}.self_attn.{q,k,v,o}_proj.we
 the GGUF metadata, so the ordinary adapters read it unchanged. Other tensors keep
 their GGUF names (``token_embd.weight``, ``blk.0.ffn_up.weight``, ...).
 
-What has to be undone to get HF tensors back (architectures.md section 5):
+What has to be undone to get HF tensors back (docs/families.md, "Files"):
 
 * GGUF dims are reversed; ``gguf.quants.dequantize`` already yields torch's
   [out, in] layout as float32.

@@ -7,7 +7,7 @@ The object is an order-3 tensor ``W`` (heads x m x n) given by factors,
 with optional shared bases ``Lb`` (m x p) and ``Rb`` (n x q) (MLA's latent
 projections) and per-head/per-group coefficients. Everything here works on the
 factors: mode spectra, truncated HOSVD, HOOI, core and errors, without forming
-``W`` (see DESIGN.md section 4). ``dense`` exists for small tensors and tests.
+``W`` (docs/mathematics.md section 4). ``dense`` exists for small tensors and tests.
 
 All routines take and return torch tensors on the stack's device; callers pick
 float64 (recommended; the reductions are cheap) or float32. No I/O here.
@@ -71,7 +71,7 @@ class HeadStack:
 
     @property
     def ceilings(self) -> tuple[int, int, int]:
-        """Rank bounds implied by the factor shapes (DESIGN section 3, made exact):
+        """Rank bounds implied by the factor shapes (docs/mathematics.md section 2):
         left/right modes are bounded by the width of what spans them."""
         H, m, n = self.shape
         r = self.left.shape[2]

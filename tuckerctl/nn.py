@@ -1,6 +1,6 @@
-"""Tucker attention: run a Tucker-factorised attention layer without forming W (DESIGN.md section 6).
+"""Tucker attention: run a Tucker-factorised attention layer without forming W (docs/mathematics.md section 7).
 
-A layer is two Tucker factorisations (DESIGN section 2):
+A layer is two Tucker factorisations (docs/mathematics.md section 1):
 
 * pre-softmax  ``W  ~ C  x1 U1 x2 U2 x3 U3``  (U1: H x r1 head, U2: m x r2 query, U3: n x r3 key)
 * post-softmax ``Wt ~ Ct x1 Ut1 x2 Ut2 x3 Ut3`` (Ut2: d x s2 output, Ut3: n' x s3 value)

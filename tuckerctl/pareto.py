@@ -1,9 +1,9 @@
-"""Error against parameters for Tucker-, MLA- and GQA-shaped formats (DESIGN sections 3, 5).
+"""Error against parameters for Tucker-, MLA- and GQA-shaped formats (docs/mathematics.md sections 3 and 5).
 
 Pure functions of an analysis document's spectra: no I/O, no plotting, numpy only.
 
 Every format below is a truncation of the Tucker picture, scored by the truncated-HOSVD
-tail bound of its rank triple (DESIGN section 5)::
+tail bound of its rank triple (docs/mathematics.md section 5)::
 
     err(r1, r2, r3)^2 = sum_layers sum_n sum_{i > r_n} (sigma_i^(n))^2 / sum_layers ||W||^2
 

@@ -1,4 +1,4 @@
-"""Effective ranks, ceilings and parameter counts (DESIGN.md sections 3 and 5).
+"""Effective ranks, ceilings and parameter counts (docs/mathematics.md sections 2, 3 and 6).
 
 Pure functions of singular values and shapes; no torch device work, no I/O.
 """
@@ -72,7 +72,7 @@ def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
 def family_ceilings(attention: str, d: int, heads: int, kv_heads: int, head_dim: int,
                     value_dim: int | None = None, q_lora_rank: int | None = None,
                     kv_lora_rank: int | None = None, rope_dim: int = 0) -> dict:
-    """DESIGN section 3: (head, query, key) and (head, output, value) rank ceilings."""
+    """docs/mathematics.md section 2: (head, query, key) and (head, output, value) rank ceilings."""
     dv = value_dim or head_dim
     if attention == "MLA":
         q = min(d, q_lora_rank) if q_lora_rank else min(d, heads * head_dim)

@@ -1,4 +1,4 @@
-"""Tucker decomposition in the activation metric (DESIGN section 8).
+"""Tucker decomposition in the activation metric (docs/mathematics.md section 9).
 
 With the second moment C = E[x^T x] of what multiplies a mode and S its symmetric
 square root, the error of a layer's *outputs* on those inputs is the Frobenius error of

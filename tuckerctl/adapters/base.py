@@ -1,7 +1,7 @@
 """What every architecture adapter produces, and the helpers they share.
 
 An adapter reads one family's tensors (any name prefix) and config keys and yields,
-per layer, the two head stacks of DESIGN.md section 2:
+per layer, the two head stacks of docs/mathematics.md section 1:
 
 * ``pre``:  W[h]  = A_h B_g(h)^T        (head, query, key)
 * ``post``: Wt[h] = O_h^T V_g(h)^T      (head, output, value)

@@ -1,6 +1,6 @@
 """MHA families with separate, biased q/k/v/o projections under legacy names:
 BERT / RoBERTa / MiniLM, ViT / DeiT (bidirectional encoders) and OPT (causal decoder).
-See architectures.md sections 2 and 4.13-4.15.
+See docs/families.md.
 
 On-disk names are the legacy hub names (transformers v5 renames ViT's modules only in
 memory and writes the old names back), with or without a model prefix (``bert.``,

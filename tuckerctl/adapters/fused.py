@@ -1,5 +1,5 @@
 """Decoder families whose q/k/v live in ONE fused tensor: Phi-3, GPT-2, GPT-NeoX/Pythia,
-Falcon and Bloom (architectures.md sections 2 and 4.8-4.12).
+Falcon and Bloom (docs/families.md, "Fused QKV").
 
 Every fused layout is one of two row orders (after GPT-2's Conv1D is transposed to
 nn.Linear layout [out, in]):

@@ -2,7 +2,7 @@
 Llama (SmolLM2), Mistral, Qwen2/2.5, Qwen3, Gemma/Gemma2/Gemma3, OLMo, OLMo2/3, StarCoder2.
 
 They differ only in biases, qk-norms and what lies outside the bilinear forms
-(softcap, clip_qkv, scale); see architectures.md sections 4.1-4.7, 4.16-4.18.
+(softcap, clip_qkv, scale); see docs/families.md.
 Dimensions that the config leaves out are read from the tensor shapes (and said so
 in the notes) rather than taken from family defaults; every dimension is checked
 against layer 0's shapes when the spec is built, and against each layer's when read.

@@ -1,5 +1,5 @@
 """Multi-head latent attention (MLA): DeepSeek-V2/V3, Kimi-K2 and MiniCPM3
-(architectures.md sections 4.19-4.20 and 6).
+(docs/families.md, "Multi-head latent attention").
 
 Tensors per layer under ``layers.{i}.self_attn.``::
 
