@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, pareto
+from . import __version__, interactive, pareto
 from .errors import InputError
 from .io import atomic_write
 from .pareto import MODE_NAMES, TENSORS
@@ -487,6 +487,20 @@ def _rank_table(a: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _rank_sort_keys(a: dict) -> list[list]:
+    """Sort keys of the per-layer table: the 0.99-energy rank (else the middle level) of
+    each mode cell, plain numbers elsewhere."""
+    energies = [f"{e:g}" for e in a["settings"]["energy"]]
+    level = "0.99" if "0.99" in energies else energies[len(energies) // 2]
+    out = []
+    for layer in a["layers"]:
+        p = layer["params"]
+        out.append([layer["index"]] + [layer[key]["modes"][m]["energy_ranks"][level]
+                                       for key in TENSORS for m in MODE_NAMES[key]]
+                   + [p["original"], p.get("tucker_0.99"), p.get("kv_cache_tucker")])
+    return out
+
+
 def _tradeoff_rows(a: dict, t: dict) -> tuple[list[str], list[list[str]]]:
     """Headline numbers of figure 4 per tensor."""
     header = ["tensor", "model's own params", "best Tucker error at ≤ own params",
@@ -587,10 +601,16 @@ figcaption b { color: #222; }
 """
 
 
-def _html_table(header, rows, cls: str = "") -> str:
+def _html_table(header, rows, cls: str = "", sort_keys=None) -> str:
+    """A table; ``sort_keys`` (rows of numbers, optional) become the cells' data-sort."""
     e = html.escape
     head = "".join(f"<th>{e(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    keys = sort_keys or [[None] * len(r) for r in rows]
+
+    def td(c, k) -> str:
+        return f"<td>{e(str(c))}</td>" if k is None else f"<td data-sort=\"{k}\">{e(str(c))}</td>"
+
+    body = "".join("<tr>" + "".join(td(c, k) for c, k in zip(r, ks)) + "</tr>" for r, ks in zip(rows, keys))
     return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -599,7 +619,7 @@ def _html(pair, names, tradeoffs, stems, formats) -> str:
     title = " vs ".join(names)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-             f"<title>tuckerctl report: {e(title)}</title><style>{_CSS}</style></head><body>",
+             f"<title>tuckerctl report: {e(title)}</title><style>{_CSS}{interactive.CSS}</style></head><body>",
              f"<h1>tuckerctl report: {e(title)}</h1>",
              f"<p class=\"meta\">Written by tuckerctl {e(__version__)} from analysis schema <code>{SCHEMA}</code>. "
              "Rank cells read <code>r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling</code>.</p>"]
@@ -610,8 +630,14 @@ def _html(pair, names, tradeoffs, stems, formats) -> str:
         parts += [f"<p class=\"note\">note: {e(n)}</p>" for n in a["model"].get("notes", [])]
         parts.append("<h3>Verdicts</h3><ul class=\"verdicts\">"
                      + "".join(f"<li>{e(v)}</li>" for v in a["summary"]["verdicts"]) + "</ul>")
-        parts.append("<h3>Per-layer ranks</h3>" + _html_table(*_rank_table(a)))
+        parts.append("<h3>Per-layer ranks</h3><p class=\"meta\">Click a column header to sort (rank columns sort "
+                     "by the 0.99-energy rank).</p>" + _html_table(*_rank_table(a), "sortable", _rank_sort_keys(a)))
         parts.append("<h3>Error against parameters (" + e(_kind(t)) + ")</h3>" + _html_table(*_tradeoff_rows(a, t)))
+    parts.append("<h2>Ranks by layer (interactive)</h2><p class=\"meta\">Energy rank per layer (line, dots) and "
+                 "numerical rank (crosses) of the chosen mode against its ceiling (dashed); hover or focus a point for "
+                 "its values.</p><div id=\"chart\"><noscript>(needs JavaScript; the figures below show the same "
+                 "numbers)</noscript></div>")
+    parts.append(interactive.data_script(interactive.chart_data(list(pair), list(names))))
     parts.append("<h2>Figures</h2>")
     for n, (stem, head, caption) in enumerate(_figure_list(stems, names), 1):
         src = _figure_file(stem, formats)
@@ -623,5 +649,6 @@ def _html(pair, names, tradeoffs, stems, formats) -> str:
         more = (" Also as " + ", ".join(others) + ".") if others else ""
         parts.append(f"<figure id=\"{e(stem)}\">{img}<figcaption><b>Figure {n}. {e(head)}.</b> "
                      f"{e(caption)}{more}</figcaption></figure>")
+    parts.append(f"<script>{interactive.SCRIPT}</script>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
