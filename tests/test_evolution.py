@@ -167,3 +167,69 @@ def test_label_count_must_match(widths, tmp_path):
 def test_csv_text_is_plain(widths):
     text = ranks_csv(widths, ["a", "b"])
     assert text.splitlines()[0].startswith("model,label,step,layer,tensor,mode,size,ceiling,numerical_rank")
+
+
+# ----------------------------------------------------------------------------- figures for papers
+
+def many_layers(a: dict, n: int) -> dict:
+    """``a`` with its layers repeated to ``n`` layers (only the plotting needs many)."""
+    import copy
+
+    out = copy.deepcopy(a)
+    out["layers"] = [dict(copy.deepcopy(a["layers"][i % len(a["layers"])]), index=i) for i in range(n)]
+    out["model"]["layers"] = n
+    return out
+
+
+def test_style_presets_set_print_size(widths):
+    a = widths[0]
+    for name, width, dpi, font in (("paper", 7.0, 300, 7.2), ("slides", 13.33, 150, 13.5)):
+        with plotting.using_style(name):
+            fig = plotting.fig_ranks([a])
+            assert fig.get_size_inches()[0] == pytest.approx(width) and fig.dpi == dpi
+            ax = fig.axes[0]
+            assert ax.title.get_fontsize() == pytest.approx(10 * font / 9)
+            assert ax.xaxis.label.get_fontsize() == pytest.approx(font)
+    assert plotting.fig_ranks([a]).get_size_inches()[0] == pytest.approx(15.0)  # back to the screen preset
+    with pytest.raises(InputError, match="--style"):
+        build_report(a, Path("unused"), style="poster")
+
+
+def test_many_layer_spectra_are_median_and_band(widths):
+    import numpy as np
+
+    a = many_layers(widths[1], 14)
+    fig = plotting.fig_spectra([a])
+    ax = next(ax for ax in fig.axes if ax.get_title().startswith("pre-softmax W · key"))
+    assert len(ax.collections) >= 1  # the band
+    curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 2]
+    assert len(curves) == 1  # one median, not 14 lines
+    sv = np.array([layer["pre"]["modes"]["key"]["singular_values"] for layer in a["layers"]], dtype=float)
+    sv = sv / sv[:, :1]
+    want = np.median(np.where(sv > 0, sv, np.nan), axis=0)
+    got = curves[0].get_ydata()
+    ok = np.isfinite(want)
+    assert np.allclose(got[ok], want[ok])
+    # Axes clipped at round-off: a decade below the tolerance, not at 1e-16.
+    tol = a["settings"]["tol"]
+    for ax in fig.axes:
+        if ax.get_title().startswith(("pre-softmax", "post-softmax")):
+            assert ax.get_ylim()[0] >= tol / 10 * (1 - 1e-9)
+    # Few layers: one line per layer, as before.
+    few = plotting.fig_spectra([widths[1]])
+    ax = next(ax for ax in few.axes if ax.get_title().startswith("pre-softmax W · key"))
+    assert len([line for line in ax.get_lines() if len(line.get_xdata()) > 2]) == len(widths[1]["layers"])
+
+
+def test_one_file_per_panel(widths, tmp_path):
+    import matplotlib.image as mpimg
+
+    written = build_report(widths[0], tmp_path, formats=("png",), style="paper", panels=True)
+    names = {p.name for p in written}
+    assert {f"fig2-ranks-p{k}.png" for k in range(1, 7)} <= names and "fig2-ranks-p7.png" not in names
+    whole = mpimg.imread(tmp_path / "fig2-ranks.png")
+    assert whole.shape[1] == 2100  # 7 in at 300 dpi
+    for k in range(1, 7):
+        panel = mpimg.imread(tmp_path / f"fig2-ranks-p{k}.png")
+        assert 200 < panel.shape[1] < whole.shape[1] and panel.shape[0] < whole.shape[0]
+        assert float(panel[..., :3].std()) > 0.05

@@ -405,6 +405,9 @@ def report(
                                               "it), e.g. --label step-1000; default: the folder names."),
     formats: str = typer.Option("png", "--format", help="Outputs: png, svg, pdf figures and csv "
                                 "(ranks.csv), combinable: png,csv."),
+    style: str = typer.Option("screen", "--style", help="Figure size preset: screen, paper (7 in, double "
+                              "column), paper-single (3.5 in panels, with --panels), slides (16:9)."),
+    panels: bool = typer.Option(False, "--panels", help="Also write one file per panel (<figure>-p<k>.<fmt>)."),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
     kv_heads: Optional[int] = KV_HEADS,
@@ -426,6 +429,8 @@ def report(
     """
     from .report import build_report, load_analyses
 
+    if style not in ("screen", "paper", "paper-single", "slides"):
+        raise InputError(f"--style: {style!r} is not one of screen, paper, paper-single, slides")
     paths = expand_sources(list(sources) + list(compare or []))
     if layers:
         from .usage import parse_layer_spec
@@ -440,7 +445,7 @@ def report(
                                        head_dim=head_dim, family=family, layers=layers, energy=_energies(energy),
                                        tol=tol, device=device, revision=revision))
     fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    written = build_report(docs, out, formats=fmts, labels=label or None)
+    written = build_report(docs, out, formats=fmts, labels=label or None, style=style, panels=panels)
     if not quiet:
         err.print(f"wrote {len(written)} files to {out}/ (open {out}/index.html)", highlight=False)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +31,7 @@ from .pareto import MODE_NAMES, TENSORS  # noqa: E402
 
 DPI = 150
 MAX_HEAD_LAYERS = 6
+MAX_SPECTRUM_LINES = 12  # more layers: median and band instead of one line each
 # Colour-blind safe (Paul Tol's "vibrant" set); one colour per family and per mode.
 FAMILY_COLORS = {"Tucker": "#000000", "GQA": "#0077BB", "MLA": "#CC3311", "MHA": "#777777",
                  "model": "#EE3377"}
@@ -41,17 +44,65 @@ TENSOR_TITLES = {"pre": "pre-softmax W (query–key)", "post": "post-softmax W̃
 ENERGY_MARKERS = ("v", "o", "^", "s", "D")
 FIG_SIZES = {"spectra": (13.0, 7.6), "ranks": (15.0, 8.4), "tradeoff": (13.0, 6.2)}
 
-_RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8.5,
-       "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False,
-       "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.6, "svg.fonttype": "none"}
+_FONTS = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8.5,
+          "xtick.labelsize": 8, "ytick.labelsize": 8}
+_RC_REST = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
+            "grid.linewidth": 0.6, "svg.fonttype": "none"}
+_RC = {**_FONTS, **_RC_REST}
+
+
+@dataclass(frozen=True)
+class Style:
+    """Figure size preset: ``width`` in inches (None: the screen sizes), font scale, PNG dpi."""
+
+    name: str
+    width: float | None
+    font: float
+    dpi: int
+
+
+# Fonts at print size: paper figures are drawn at the printed width, so 9 pt x 0.8 is
+# 7.2 pt on the page (a journal's minimum is about 6 pt); slides are 16:9 at 13.33 in.
+STYLES = {"screen": Style("screen", None, 1.0, 150),
+          "paper": Style("paper", 7.0, 0.8, 300),            # double column (full text width)
+          "paper-single": Style("paper-single", 10.5, 0.8, 300),  # one panel = 3.5 in: use with --panels
+          "slides": Style("slides", 13.33, 1.5, 150)}
+_style = STYLES["screen"]
+
+
+@contextmanager
+def using_style(name: str):
+    """Draw the figures inside the block with the preset ``name`` (see :data:`STYLES`)."""
+    global _style
+    previous, _style = _style, STYLES[name]
+    try:
+        yield _style
+    finally:
+        _style = previous
+
+
+def _rc() -> dict:
+    return {**{k: v * _style.font for k, v in _FONTS.items()}, **_RC_REST}
+
+
+def _fs(points: float) -> float:
+    """A fixed label size in points, scaled by the style."""
+    return points * _style.font
 
 
 def figure_size(name: str, analysis: dict | None = None) -> tuple[float, float]:
-    """Size in inches of figure ``name`` (the head figure's width grows with its columns)."""
+    """Size in inches of figure ``name`` (the head figure's width grows with its columns),
+    scaled to the style's width with the screen aspect ratio."""
     if name == "heads":
         k = len(head_layers(analysis))
-        return (1.4 + 2.35 * k, 7.4)
-    return FIG_SIZES[name]
+        w, h = (1.4 + 2.35 * k, 7.4)
+    else:
+        w, h = FIG_SIZES[name]
+    if _style.width is None:
+        return (w, h)
+    width = _style.width if name != "heads" else min(_style.width, w)
+    # Smaller figures keep more height per width: the fonts do not shrink as fast as the panels.
+    return (width, round(h / w * width * (1.25 if width < w else 1.0), 2))
 
 
 def model_name(analysis: dict) -> str:
@@ -90,7 +141,7 @@ def _names(analyses: list[dict]) -> list[str]:
 
 def _figure(size) -> Figure:
     # A plain Figure (no pyplot state): figures are never shown and never leak.
-    return Figure(figsize=size, dpi=DPI, layout="constrained")
+    return Figure(figsize=size, dpi=_style.dpi, layout="constrained")
 
 
 def _shade(color: str, amount: float) -> tuple:
@@ -115,14 +166,20 @@ def _model_legend(fig: Figure, names: list[str], extra: list | None = None, ncol
                            ms=5, mfc="white")
                     for n, ls, mk in zip(names, MODEL_STYLES, GQA_MARKERS)]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 4), frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=_legend_columns(ncol or min(len(handles), 4)),
+                   frameon=False)
+
+
+def _legend_columns(n: int) -> int:
+    """At most three legend columns on a page-wide (paper) figure, so the legend fits."""
+    return min(n, 3) if _style.width is not None and _style.width < 10 else n
 
 
 # ----------------------------------------------------------------------------- figure 1
 
 def fig_spectra(analyses: list[dict]) -> Figure:
     """Normalised mode spectra sigma_i / sigma_1 (log y), one line per layer coloured by depth."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_rc()):
         fig = _figure(figure_size("spectra"))
         axes = fig.subplots(2, 3)
         names = _names(analyses)
@@ -137,7 +194,10 @@ def fig_spectra(analyses: list[dict]) -> Figure:
                 for ai, (a, ls) in enumerate(zip(analyses, MODEL_STYLES)):
                     layers = a["layers"]
                     n = len(layers)
-                    for k, layer in enumerate(layers):
+                    if n > MAX_SPECTRUM_LINES:
+                        _spectrum_band(ax, layers, key, mode, ls, MODE_COLORS[mode] if single else
+                                       _shade("#333333", -0.25 * ai))
+                    for k, layer in enumerate(layers if n <= MAX_SPECTRUM_LINES else ()):
                         s = np.asarray(layer[key]["modes"][mode]["singular_values"], dtype=float)
                         if not len(s) or s[0] <= 0:
                             continue
@@ -153,6 +213,7 @@ def fig_spectra(analyses: list[dict]) -> Figure:
                     _mark_ceiling(ax, ceil, M["size"], ls, None if single else TAGS[ai])
                     sizes.append(M["size"])
                 _log_decades(ax)
+                _clip_at_roundoff(ax, min(a["settings"]["tol"] for a in analyses))
                 ax.set_xlim(0, size + max(1, size * 0.02))
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
                 ax.set_title(f"{TENSOR_TITLES[key].split(' (')[0]} · {mode} mode (size {_sizes(sizes)})")
@@ -160,16 +221,53 @@ def fig_spectra(analyses: list[dict]) -> Figure:
                     ax.set_xlabel("singular value index i")
                 if col == 0:
                     ax.set_ylabel("σ_i / σ_1 (log scale)")
-        sm = cm.ScalarMappable(norm=norm, cmap=cmap)
-        bar = fig.colorbar(sm, ax=axes, shrink=0.85, pad=0.01, aspect=35)
-        bar.set_label("layer" if single else "relative depth (layer / last layer)")
-        if single:
-            bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        banded = all(len(a["layers"]) > MAX_SPECTRUM_LINES for a in analyses)
+        if not banded:
+            sm = cm.ScalarMappable(norm=norm, cmap=cmap)
+            bar = fig.colorbar(sm, ax=axes, shrink=0.85, pad=0.01, aspect=35)
+            bar.set_label("layer" if single else "relative depth (layer / last layer)")
+            if single:
+                bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle("Mode spectra of the attention tensors" + (f" — {names[0]}" if single else ""),
-                     fontsize=11)
-        _model_legend(fig, names, [Line2D([], [], color="#555555", ls=":", lw=1.2,
-                                          label="rank ceiling of the architecture")])
+                     fontsize=_fs(11))
+        extra = [Line2D([], [], color="#555555", ls=":", lw=1.2, label="rank ceiling of the architecture")]
+        if any(len(a["layers"]) > MAX_SPECTRUM_LINES for a in analyses):
+            extra.append(Line2D([], [], color="#777777", lw=6, alpha=0.35,
+                                label="median over layers, band: 10–90% of layers"))
+        _model_legend(fig, names, extra)
         return fig
+
+
+def _spectrum_band(ax, layers: list[dict], key: str, mode: str, ls: str, color) -> None:
+    """Many layers: the median spectrum over layers and the 10-90% band, not one line each."""
+    spectra = [np.asarray(layer[key]["modes"][mode]["singular_values"], dtype=float) for layer in layers]
+    spectra = [s / s[0] for s in spectra if len(s) and s[0] > 0]
+    if not spectra:
+        return
+    width = max(len(s) for s in spectra)
+    y = np.full((len(spectra), width), np.nan)
+    for i, s in enumerate(spectra):
+        y[i, :len(s)] = np.where(s > 0, s, np.nan)  # exact zeros cannot be drawn on a log axis
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns beyond a ceiling
+            lo, mid, hi = np.nanpercentile(y, [10, 50, 90], axis=0)
+    x = np.arange(1, width + 1)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.22, lw=0)
+    ax.plot(x, mid, color=color, ls=ls, lw=1.5)
+
+
+def _clip_at_roundoff(ax, tol: float) -> None:
+    """Start the log axis a decade below the numerical-rank tolerance: what lies lower is
+    round-off of the stored weights (or exact zeros), not structure. The tolerance is drawn."""
+    floor = tol / 10
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, floor), hi)
+    ax.axhline(tol, color="#999999", ls=(0, (1, 2)), lw=0.9, zorder=0)
+    ax.text(0.99, tol, f"tol {tol:g}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+            fontsize=_fs(6.5), color="#777777")
 
 
 def _sizes(sizes: list[int]) -> str:
@@ -197,10 +295,10 @@ def _mark_ceiling(ax, ceil: int, size: int, ls: str, tag: str | None):
     if ceil < size:
         ax.axvspan(ceil, size, color="#999999", alpha=0.07, lw=0, zorder=0)
         ax.text(ceil + 0.015 * size, y, f"{prefix}ceiling {ceil}\nσ = 0 beyond", transform=ax.get_xaxis_transform(),
-                va="top", ha="left", fontsize=7.5, color="#444444", bbox=box)
+                va="top", ha="left", fontsize=_fs(7.5), color="#444444", bbox=box)
     else:
         ax.text(ceil - 0.015 * size, y, f"{prefix}ceiling = size {ceil}", transform=ax.get_xaxis_transform(),
-                va="top", ha="right", fontsize=7.5, color="#444444", bbox=box)
+                va="top", ha="right", fontsize=_fs(7.5), color="#444444", bbox=box)
 
 
 # ----------------------------------------------------------------------------- figure 2
@@ -260,7 +358,7 @@ def _spread(ys: list[float], gap: float, lo: float = 0.0, hi: float = 1.0) -> li
 
 def fig_ranks(analyses: list[dict]) -> Figure:
     """Energy ranks per mode against layer index, with the family rank ceilings."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_rc()):
         fig = _figure(figure_size("ranks"))
         axes = fig.subplots(2, 3)
         names = _names(analyses)
@@ -298,7 +396,7 @@ def fig_ranks(analyses: list[dict]) -> Figure:
                                                    else "storage noise") + ")"))
         handles.append(Line2D([], [], color="#777777", ls="--", lw=1, label="rank ceiling of a family"))
         fig.suptitle("Effective ranks by layer against the MHA / GQA / MLA ceilings"
-                     + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=11)
+                     + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=_fs(11))
         _model_legend(fig, names, handles, ncol=len(handles) + len(names) if len(names) > 1 else len(handles))
         return fig
 
@@ -325,7 +423,7 @@ def _draw_ceilings(ax, analyses: list[dict], key: str, mode: str, size: int):
                    alpha=0.9, zorder=1)
     ys = _spread([v / ymax for v, *_ in lines], gap=0.075)
     for (v, lab, c, own, _), y in zip(lines, ys):
-        ax.text(1.035, y, f"{lab}: {v}", transform=ax.transAxes, color=c, fontsize=7.5, va="center", ha="left",
+        ax.text(1.035, y, f"{lab}: {v}", transform=ax.transAxes, color=c, fontsize=_fs(7.5), va="center", ha="left",
                 fontweight="bold" if own else "normal", clip_on=False)
         # A short leader from the line's end to its label (labels are moved apart when lines are close).
         ax.plot([1.0, 1.03], [v / ymax, y], transform=ax.transAxes, color=c, lw=0.7, clip_on=False)
@@ -343,7 +441,7 @@ def head_layers(analysis: dict, limit: int = MAX_HEAD_LAYERS) -> list[int]:
 
 def fig_heads(analysis: dict) -> Figure:
     """Head cosine similarity (pre and post) and head-mode spectra for a few layers."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_rc()):
         picks = head_layers(analysis)
         k = len(picks)
         fig = _figure(figure_size("heads", analysis))
@@ -364,7 +462,7 @@ def fig_heads(analysis: dict) -> Figure:
                 loc = MaxNLocator(nbins=min(H, 8), integer=True)
                 ax.xaxis.set_major_locator(loc)
                 ax.yaxis.set_major_locator(MaxNLocator(nbins=min(H, 8), integer=True))
-                ax.tick_params(length=2, labelsize=7)
+                ax.tick_params(length=2, labelsize=_fs(7))
                 if row == 0:
                     ax.set_title(f"layer {layer['index']}")
                 if j == 0:
@@ -387,15 +485,15 @@ def fig_heads(analysis: dict) -> Figure:
                 ax.tick_params(labelleft=False)  # same y range as the first panel
             if j == 0:
                 ax.set_ylabel("head-mode σ_i / σ_1")
-                ax.legend(loc="lower left", frameon=True, framealpha=0.85, fontsize=7.5)
+                ax.legend(loc="lower left", frameon=True, framealpha=0.85, fontsize=_fs(7.5))
         lows = [ax.get_ylim()[0] for ax in axes[2]]
         for ax in axes[2]:  # one y range for the row, so layers compare at a glance
             ax.set_ylim(min(lows), 1.3)
         bar = fig.colorbar(image, ax=axes[:2, :], shrink=0.9, pad=0.01, aspect=30)
         bar.set_label("cosine of head slices ⟨W[h], W[h′]⟩ / (‖W[h]‖ ‖W[h′]‖)"
-                      + ("" if vmax >= 1 else f"\n(colour range ±{vmax:g}; diagonal = 1)"), fontsize=8)
+                      + ("" if vmax >= 1 else f"\n(colour range ±{vmax:g}; diagonal = 1)"), fontsize=_fs(8))
         shown = "" if k == len(analysis["layers"]) else f" ({k} of {len(analysis['layers'])} layers)"
-        fig.suptitle(f"Head-mode structure{shown} — {model_name(analysis)}", fontsize=11)
+        fig.suptitle(f"Head-mode structure{shown} — {model_name(analysis)}", fontsize=_fs(11))
         return fig
 
 
@@ -404,7 +502,7 @@ def fig_heads(analysis: dict) -> Figure:
 def fig_tradeoff(analyses: list[dict]) -> Figure:
     """Relative error against parameters: Tucker, MLA-, GQA-shaped formats (exact truncated-HOSVD
     and exact GQA errors where the analysis has them, else HOSVD tail bounds, labelled so)."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_rc()):
         fig = _figure(figure_size("tradeoff"))
         axes = fig.subplots(1, 2)
         names = _names(analyses)
@@ -435,7 +533,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
                     best = [b for b in (pareto.best_error(t.tucker, x), pareto.best_error(t.mla, x)) if b == b]
                     under = bool(best) and e < min(best)
                     xy = (0, -13 - 11 * i) if at_floor else ((-8, -9 * i) if under else (7, 6 + 9 * i))
-                    ax.annotate(lab, (x, e), xytext=xy, textcoords="offset points", fontsize=7.5,
+                    ax.annotate(lab, (x, e), xytext=xy, textcoords="offset points", fontsize=_fs(7.5),
                                 color=FAMILY_COLORS["GQA"], va="baseline" if at_floor else "center",
                                 ha="center" if at_floor else ("right" if under else "left"))
                 if t.gqa_contiguous is not None:
@@ -457,7 +555,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
                     p.params < max(row[col].model.params for row in data) or len(data) == 1
                 ax.annotate(f"{who} ({_arch(a['model'])}):\n{what}", (p.params, max(p.error, floor)),
                             xytext=(-14, 30) if left else (14, 30), textcoords="offset points",
-                            ha="right" if left else "left", fontsize=7.5, color="#333333",
+                            ha="right" if left else "left", fontsize=_fs(7.5), color="#333333",
                             arrowprops=dict(arrowstyle="-", color="#777777", lw=0.7))
             ax.set_xscale("log")
             left, right = _param_range([row[col] for row in data])
@@ -474,7 +572,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
             ax.set_ylim(floor / 4, 1.6)
             ax.axhline(floor, color="#999999", ls=":", lw=1, zorder=0)
             ax.text(0.01, floor, " error 0 (exact) is drawn on this line", transform=ax.get_yaxis_transform(),
-                    ha="left", va="bottom", fontsize=7, color="#666666")
+                    ha="left", va="bottom", fontsize=_fs(7), color="#666666")
             ax.set_title(TENSOR_TITLES[key])
             ax.set_xlabel("attention parameters of this tensor, all layers (log scale)")
             if col == 0:
@@ -484,7 +582,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
             sec = ax.secondary_xaxis("top", functions=(lambda x, p0=p0: x / p0, lambda x, p0=p0: x * p0))
             sec.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
             sec.set_xlabel("parameters relative to " + ("this model" if len(analyses) == 1 else "model A")
-                           + " (×)", fontsize=8)
+                           + " (×)", fontsize=_fs(8))
         handles = [
             Line2D([], [], color=FAMILY_COLORS["Tucker"], lw=1.8,
                    label="Tucker (r1 ≤ H, r2, r3), truncated HOSVD: frontier"),
@@ -504,7 +602,7 @@ def fig_tradeoff(analyses: list[dict]) -> Figure:
                               label="the model's own architecture"))
         fig.suptitle("Error against parameters at equal parameter counts"
                      + (" (exact errors)" if all_exact else " (Tucker/MLA: HOSVD tail bounds)")
-                     + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=11)
+                     + (f" — {names[0]}" if len(names) == 1 else ""), fontsize=_fs(11))
         _model_legend(fig, names, handles, ncol=3 if len(names) == 1 else 4, markers=True)
         return fig
 
@@ -551,7 +649,7 @@ def fig_evolution(analyses: list[dict], xs: list[float], xlabel: str, ticklabels
     Per model and energy level, the median over layers (line) and the range over layers
     (band); the numerical rank's median (crosses); each model's ceiling (dashed, drawn
     through the models so that a change of width shows)."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(_rc()):
         fig = _figure(figure_size("ranks"))
         axes = fig.subplots(2, 3)
         energies = [f"{t:g}" for t in analyses[0]["settings"]["energy"]]
@@ -583,7 +681,7 @@ def fig_evolution(analyses: list[dict], xs: list[float], xlabel: str, ticklabels
                     ax.set_xscale("log")
                     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count_label(v)))
                 if ticklabels is not None:
-                    ax.set_xticks(x, [ticklabels[i] for i in order], rotation=30, ha="right", fontsize=7)
+                    ax.set_xticks(x, [ticklabels[i] for i in order], rotation=30, ha="right", fontsize=_fs(7))
                     ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.set_title(f"{TENSOR_TITLES[key].split(' (')[0]} · {mode} mode (size {_sizes(sizes)})")
                 if row == 1:
@@ -596,6 +694,6 @@ def fig_evolution(analyses: list[dict], xs: list[float], xlabel: str, ticklabels
                     Line2D([], [], color=FAMILY_COLORS["model"], ls=(0, (5, 3)), lw=1.4,
                            label="rank ceiling of the architecture"),
                     Line2D([], [], color=FAMILY_COLORS["MHA"], ls=":", lw=1.0, label="mode size")]
-        fig.suptitle(f"Effective ranks across {len(runs)} analyses", fontsize=11)
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.suptitle(f"Effective ranks across {len(runs)} analyses", fontsize=_fs(11))
+        fig.legend(handles=handles, loc="outside lower center", ncol=_legend_columns(len(handles)), frameon=False)
         return fig

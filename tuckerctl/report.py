@@ -305,7 +305,8 @@ def default_labels(analyses: Sequence[dict]) -> list[str]:
 
 
 def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
-                 compare: dict | None = None, labels: Sequence[str] | None = None) -> list[Path]:
+                 compare: dict | None = None, labels: Sequence[str] | None = None, style: str = "screen",
+                 panels: bool = False) -> list[Path]:
     """Write figures, ``summary.md``, ``index.html`` (and ``ranks.csv``) into ``out_dir``.
 
     ``analysis``: one analysis document or a list of them. ``compare``: another one,
@@ -314,8 +315,14 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     analyses, figures 1, 2 and 4 draw them over each other (solid, dashed, dotted,
     dash-dotted); with more, the first and the last. With three or more, figure 5
     draws the ranks against the training step (read from ``labels``, by default the
-    folder names), or the model size. Returns the written files."""
+    folder names), or the model size. ``style``: "screen" (default), "paper" (7 in,
+    double column), "paper-single" (panels 3.5 in wide) or "slides" (13.33 in, large
+    fonts). ``panels``: also one file per panel (``<figure>-p<k>.<fmt>``, row by row).
+    Returns the written files."""
     from . import plotting  # matplotlib is imported only when a report is built
+
+    if style not in plotting.STYLES:
+        raise InputError(f"--style: {style!r} is not one of {', '.join(plotting.STYLES)}")
 
     analyses = list(analysis) if isinstance(analysis, (list, tuple)) else [analysis]
     if compare is not None:
@@ -349,14 +356,21 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
 
     written: list[Path] = []
     for stem, build in (builders.items() if figure_formats else ()):
-        fig = build()
+        with plotting.using_style(style) as preset:
+            fig = build()
         for fmt in figure_formats:
             target = out_dir / f"{stem}.{fmt}"
             meta = {"png": {"Software": f"tuckerctl {__version__}"}, "svg": {"Date": None},
                     "pdf": {"Creator": f"tuckerctl {__version__}"}}[fmt]
-            atomic_write(target, lambda tmp, fig=fig, fmt=fmt, meta=meta: _save(fig, tmp, fmt, meta, plotting.DPI))
+            atomic_write(target, lambda tmp, fig=fig, fmt=fmt, meta=meta: _save(fig, tmp, fmt, meta, preset.dpi))
             written.append(target)
             fig.set_layout_engine("none")  # laid out once; further formats reuse the positions
+            if panels:
+                for k, box in enumerate(_panel_boxes(fig), 1):
+                    target = out_dir / f"{stem}-p{k}.{fmt}"
+                    atomic_write(target, lambda tmp, fig=fig, fmt=fmt, meta=meta, box=box:
+                                 _save(fig, tmp, fmt, meta, preset.dpi, box))
+                    written.append(target)
     if "csv" in formats:
         target = out_dir / "ranks.csv"
         _write_text(target, ranks_csv(analyses, labels))
@@ -370,6 +384,15 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     page = out_dir / "index.html"
     _write_text(page, _html(pair, names, tradeoffs, stems, figure_formats))
     return written + [md, page]
+
+
+def _panel_boxes(fig) -> list:
+    """The region (inches) of each panel with its labels, row by row: one file per panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_visible()]
+    return [ax.get_tightbbox(renderer).transformed(fig.dpi_scale_trans.inverted()).padded(0.06) for ax in axes]
 
 
 CSV_COLUMNS = ("model", "label", "step", "layer", "tensor", "mode", "size", "ceiling", "numerical_rank")
@@ -414,8 +437,8 @@ def _readable(tmp: Path) -> None:
     os.chmod(tmp, 0o644)
 
 
-def _save(fig, tmp: Path, fmt: str, meta: dict, dpi: int) -> None:
-    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+def _save(fig, tmp: Path, fmt: str, meta: dict, dpi: int, box=None) -> None:
+    fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta, bbox_inches=box)
     _readable(tmp)
 
 
