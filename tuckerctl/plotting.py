@@ -213,7 +213,7 @@ def fig_spectra(analyses: list[dict]) -> Figure:
                     _mark_ceiling(ax, ceil, M["size"], ls, None if single else TAGS[ai])
                     sizes.append(M["size"])
                 _log_decades(ax)
-                _clip_at_roundoff(ax, min(a["settings"]["tol"] for a in analyses))
+                _clip_at_roundoff(ax, _panel_tol(analyses, key, mode))
                 ax.set_xlim(0, size + max(1, size * 0.02))
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
                 ax.set_title(f"{TENSOR_TITLES[key].split(' (')[0]} · {mode} mode (size {_sizes(sizes)})")
@@ -259,9 +259,22 @@ def _spectrum_band(ax, layers: list[dict], key: str, mode: str, ls: str, color) 
     ax.plot(x, mid, color=color, ls=ls, lw=1.5)
 
 
-def _clip_at_roundoff(ax, tol: float) -> None:
+def _panel_tol(analyses: list[dict], key: str, mode: str) -> float | None:
+    """The smallest numerical-rank tolerance (relative to sigma_1) used in a panel: the
+    mode's own storage-noise tolerance, else the analysis-wide --tol."""
+    tols = [layer[key]["modes"][mode].get("tol") or a["settings"].get("tol")
+            for a in analyses for layer in a["layers"]]
+    tols = [t for t in tols if isinstance(t, (int, float)) and t > 0]
+    return min(tols) if tols else None
+
+
+def _clip_at_roundoff(ax, tol: float | None) -> None:
     """Start the log axis a decade below the numerical-rank tolerance: what lies lower is
-    round-off of the stored weights (or exact zeros), not structure. The tolerance is drawn."""
+    round-off of the stored weights (or exact zeros), not structure. The tolerance is drawn.
+    Without one, float64 round-off (1e-13) is the floor."""
+    if tol is None:
+        ax.set_ylim(max(ax.get_ylim()[0], 1e-13), ax.get_ylim()[1])
+        return
     floor = tol / 10
     lo, hi = ax.get_ylim()
     ax.set_ylim(max(lo, floor), hi)
