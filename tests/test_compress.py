@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import tuckerctl
 from tuckerctl.adapters import detect
-from tuckerctl.allocate import TensorSpectra, allocate_budget, rank_step
+from tuckerctl.allocate import TensorSpectra, allocate_budget, feasible, rank_step
 from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.compress import compress
 from tuckerctl.errors import InputError
@@ -159,17 +159,20 @@ def test_params_budget_is_met_within_one_rank_step(tmp_path):
     info = compress(src, tmp_path / "out", structure="tucker", params=0.25, device="cpu", hooi_iters=1)
     budget = 0.25 * info["summary"]["params_original"]
     assert info["summary"]["params_tucker"] <= budget
-    # No single rank step of any mode still fits: the budget is used up to one step.
+    # Every triple is feasible, and no feasible single rank step of any mode still fits: the
+    # budget is used up to one step.
     for rec in info["layers"]:
         for key in ("pre", "post"):
             shape, ranks = rec[key]["shape"], rec[key]["ranks"]
+            assert feasible(ranks), ranks
             limits = (shape[0], min(shape[1], 64), min(shape[2], 16))
             for m in range(3):
                 if ranks[m] < limits[m]:
                     bigger = list(ranks)
                     bigger[m] += rank_step(limits[m])
-                    extra = tucker_params(shape, bigger) - tucker_params(shape, ranks)
-                    assert info["summary"]["params_tucker"] + extra > budget
+                    if feasible(bigger):
+                        extra = tucker_params(shape, bigger) - tucker_params(shape, ranks)
+                        assert info["summary"]["params_tucker"] + extra > budget
 
 
 def test_allocation_prefers_energy_and_respects_budget():
@@ -178,7 +181,7 @@ def test_allocation_prefers_energy_and_respects_budget():
     budget = tucker_params((4, 16, 16), (2, 4, 4)) * 2
     ranks = allocate_budget([big, flat], budget)
     assert sum(tucker_params(t.shape, r) for t, r in zip([big, flat], ranks)) <= budget
-    assert ranks[0][1] == 4 and ranks[0][2] == 4  # the concentrated spectrum gets exactly its 4 big values
+    assert ranks[0][1] >= 4 and ranks[0][2] >= 4  # the concentrated spectrum gets all its 4 big values
     with pytest.raises(ValueError):
         allocate_budget([big], 10)
 

@@ -15,11 +15,12 @@ import torch
 
 from . import __version__
 from .adapters import detect
-from .allocate import TensorSpectra, allocate_budget, energy_ranks
+from .allocate import TensorSpectra, allocate_budget, allocation_grid, energy_ranks
 from .analysis import iter_layers
 from .checkpoint import open_checkpoint
 from .device import resolve_device
 from .errors import InputError
+from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .ranks import tucker_params
 from .tucker_format import (
@@ -74,10 +75,16 @@ def _spectra_for_allocation(stack, spectra, structure: str, head_dim: int) -> Te
     ``r2 r3 + H + (m + H d_h) r2 + (n + G d_h) r3`` bounds it from above (the budget holds)."""
     sig = tuple(x.cpu().tolist() for x in spectra)
     if structure != QK_INPUT:
-        return TensorSpectra(stack.shape, sig)
+        # Exact truncated-HOSVD errors on the allocation grid when the full core is affordable.
+        red = reduce(stack)
+        if table_flops(red) > EXACT_TABLE_MAX_FLOPS:
+            return TensorSpectra(stack.shape, sig)
+        grid = allocation_grid([max(1, len(x)) for x in sig])
+        table, _ = hosvd_residuals(red, grid)
+        return TensorSpectra(stack.shape, sig, table.cpu().tolist(), grid)
     H, m, n = stack.shape
     return TensorSpectra((H, m + H * head_dim, n + stack.groups * head_dim),
-                         ([sum(v * v for v in sig[0]) ** 0.5], sig[1], sig[2]))
+                         ([sum(v * v for v in sig[0]) ** 0.5], sig[1], sig[2]), tucker=False)
 
 
 def parse_ranks(text: str | None, option: str) -> tuple[int, int, int] | None:
@@ -130,8 +137,9 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
         original += layer.params
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
-            s = mode_spectra(reduce(_whitened(stack, *_metric(stack, key, moments, layer.index))))
-            tensors.append(_spectra_for_allocation(stack, s, structure if key == "pre" else TUCKER,
+            metric_stack = _whitened(stack, *_metric(stack, key, moments, layer.index))
+            s = mode_spectra(reduce(metric_stack))
+            tensors.append(_spectra_for_allocation(metric_stack, s, structure if key == "pre" else TUCKER,
                                                    spec.head_dim))
         if progress:
             progress(k + 1, 2 * len(indices))
