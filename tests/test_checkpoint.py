@@ -94,3 +94,27 @@ def test_single_file_inside_directory_with_config(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, dst)
     ck = open_checkpoint(dst / "model.safetensors")
     assert ck.config is not None and ck.config["num_attention_heads"] == 8
+
+
+def _raw_file(path, header: dict, data: bytes):
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("case, header, data, reason", [
+    ("overlapping offsets", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "invalid offset"),
+    ("a gap before the data", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "invalid offset"),
+    ("trailing bytes", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "not fully covered"),
+])
+def test_the_safetensors_library_judges_validity(tmp_path, case, header, data, reason):
+    """Files our own size checks accept but the format forbids: the library's parser rejects
+    them, as a one-line error naming the file."""
+    from oracle import one_line_error
+
+    p = tmp_path / "m.safetensors"
+    _raw_file(p, header, b"\0" * data)
+    one_line_error(lambda: open_checkpoint(p), str(p), "not a valid safetensors file", reason)
+    _raw_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)  # control
+    assert open_checkpoint(p).names() == ["a"]
