@@ -251,8 +251,8 @@ def test_bad_compress_arguments(tmp_path):
     assert_user_error(run_cli("compress", src, "-o", tmp_path / "o", "--ranks", "4,0,8"), "--ranks")
     assert_user_error(run_cli("compress", src, "-o", tmp_path / "o", "--ranks", "4,x"), "--ranks")
     assert_user_error(run_cli("compress", src, "-o", tmp_path / "o"), "exactly one of")
-    assert_user_error(run_cli("compress", src, "-o", src, "--energy", "0.9"), "already exists")
-    assert_user_error(run_cli("compress", src, "-o", src, "--energy", "0.9", "--overwrite"), "input checkpoint")
+    assert_user_error(run_cli("compress", src, "-o", src, "--energy", "0.9"), "inside the input")
+    assert_user_error(run_cli("compress", src, "-o", src, "--energy", "0.9", "--overwrite"), "inside the input")
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 

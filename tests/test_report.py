@@ -190,8 +190,11 @@ def test_bad_format_and_out_dir(analyses, tmp_path):
     with pytest.raises(InputError, match="--format: jpg"):
         build_report(analyses["mha"], tmp_path / "r", formats=("jpg",))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="not a directory"):
+    with pytest.raises(InputError, match="already exists"):
         build_report(analyses["mha"], tmp_path / "file")
+    with pytest.raises(InputError, match="not a tuckerctl report"):
+        build_report(analyses["mha"], tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x"
     assert not (tmp_path / "r").exists()
 
 

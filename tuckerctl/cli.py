@@ -7,16 +7,17 @@ progress on stderr (progress only on a TTY); exit 0 success, 1 a check failed,
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from . import __version__
-from .errors import CheckFailed, InputError
+from . import __version__, options
+from .errors import CheckFailed, InputError, printable
+from .outputs import Target, Terminated, claim, dumps_strict, install_signal_handlers, write_text
 
 app = typer.Typer(
     name="tuckerctl",
@@ -39,7 +40,9 @@ HEAD_DIM = typer.Option(None, "--head-dim", help="Per-head width d_h.")
 FAMILY = typer.Option(None, "--family", help="Force the architecture family (config model_type).")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
-OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file.")
+OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file (new, or with --overwrite "
+                      "an earlier tuckerctl JSON; never an input).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by tuckerctl.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
 REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folders: branch, tag or commit "
                         "(default main).")
@@ -75,22 +78,30 @@ def _progress(quiet: bool, label: str, unit: str = "layers"):
     return update, bar
 
 
-def emit_json(doc: dict, to_stdout: bool, output: Optional[Path]) -> None:
-    """Write the document to stdout and/or a file (temp file + rename)."""
-    text = json.dumps(doc, indent=1)
-    if output is not None:
-        from .io import atomic_write_text
+def claim_json(output: Optional[Path], inputs, overwrite: bool):
+    """Clear ``--output`` for writing before any work (:func:`tuckerctl.outputs.claim`)."""
+    return None if output is None else claim(output, "json", inputs=inputs, overwrite=overwrite)
 
-        atomic_write_text(Path(output), text + "\n")
+
+def emit_json(doc: dict, to_stdout: bool, output) -> None:
+    """Write the document (strict JSON) to stdout and/or a claimed output (temp file + rename).
+
+    ``output``: a :class:`tuckerctl.outputs.Target` from :func:`claim_json`, or a path
+    (then claimed here: a new file only)."""
+    text = dumps_strict(doc, indent=1)
+    if output is not None:
+        target = output if isinstance(output, Target) else claim(output, "json")
+        write_text(target, text + "\n")
     if to_stdout:
         sys.stdout.write(text + "\n")
 
 
-def _energies(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise InputError(f"--energy: cannot parse {text!r} (use e.g. 0.9,0.99,0.999)") from None
+def _analysis_options(energy: str, tol, device) -> tuple[float, ...]:
+    """Check the analysis options before any work; returns the energy levels."""
+    options.device(device)
+    if tol is not None:
+        options.fraction(tol, "--tol", closed=False)
+    return options.energies(energy)
 
 
 # ------------------------------------------------------------------ commands
@@ -177,6 +188,7 @@ def analyze(
     wide: bool = typer.Option(False, "--wide", help="One table for both tensors (needs a wide terminal)."),
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Multilinear ranks of every layer's query-key and value-output tensors.
@@ -188,8 +200,10 @@ def analyze(
     from . import __version__ as version
 
     paths = _checked_sources(sources, layers)
+    energies = _analysis_options(energy, tol, device)
+    target = claim_json(output, [*paths, config], overwrite)
     docs = _analysis_docs(paths, quiet, True, wide, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                          family=family, layers=layers, energy=_energies(energy), tol=tol, device=device,
+                          family=family, layers=layers, energy=energies, tol=tol, device=device,
                           revision=revision, rope_offsets=rope_offsets)
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
                                           "models": docs}
@@ -205,7 +219,7 @@ def analyze(
                           f"{cc['max_deviation']:.2e} sigma_1 (tolerance {cc['tolerance']:g})"
                           + (f"; not checked (too large): {cc['skipped']}" if cc["skipped"] else ""),
                           highlight=False)
-    emit_json(doc, json_out, output)
+    emit_json(doc, json_out, target)
     worst = max((d["cross_check"]["max_deviation"] for d in docs if not d["cross_check"]["passed"]),
                 default=None) if cross_check else None
     if worst is not None:
@@ -225,6 +239,7 @@ def inspect(
     revision: Optional[str] = REVISION,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Show the detected structure, tensor by tensor (reads one layer only).
@@ -234,6 +249,7 @@ def inspect(
     from .usage import check_checkpoint_source
 
     check_checkpoint_source(path)
+    output = claim_json(output, [path, config], overwrite)
     from .analysis import inspect as run
     from .tables import print_inspect
 
@@ -275,7 +291,8 @@ def compress(
                                "(per-matrix SVD baseline, SVD-LLM style when calibrated)."),
     tensors: str = typer.Option("both", "--tensors", help="Which tensors to compress: pre (query-key), post "
                                 "(value-output) or both."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs written by tuckerctl "
+                                   "(never an input, never anything else)."),
     config: Optional[Path] = CONFIG,
     heads: Optional[int] = HEADS,
     kv_heads: Optional[int] = KV_HEADS,
@@ -294,6 +311,15 @@ def compress(
 
     check_checkpoint_source(str(path))
     check_ranks_options(ranks, ranks_post, energy, params)
+    options.compress_choice(options.parse_ranks(ranks, "--ranks"), options.parse_ranks(ranks_post, "--ranks-post"),
+                            energy, params, hooi_iters, dtype)
+    options.device(device)
+    options.non_negative(max_error, "--max-error")
+    options.positive_int(tokens, "--tokens")
+    if max_error is not None and not check:
+        raise InputError("--max-error needs the check: drop --no-check (or --max-error)")
+    claim(out, "checkpoint", inputs=[path, config, calibrate], overwrite=overwrite)
+    output = claim_json(output, [path, config, calibrate, out], overwrite)
     from .compress import compress as run
     from .tables import print_compress, print_verify
     from .verify import verify
@@ -332,6 +358,7 @@ def verify(
     device: str = DEVICE,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Reconstruction checks: per-layer weight errors (dense, per head) and attention output errors.
@@ -341,6 +368,10 @@ def verify(
     from .usage import check_checkpoint_source
 
     check_checkpoint_source(str(against))
+    options.non_negative(max_error, "--max-error")
+    options.positive_int(tokens, "--tokens")
+    options.device(device)
+    output = claim_json(output, [compressed, against, config], overwrite)
     from .tables import print_verify
     from .verify import verify as run
 
@@ -371,6 +402,7 @@ def eval_(
     device: str = DEVICE,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Score a compressed model against the original on real text: perplexity of both,
@@ -379,6 +411,8 @@ def eval_(
 
     Example: [bold]tuckerctl eval out/ --against model/ --text wiki.txt --max-kld 0.05 --json[/bold]
     """
+    options.device(device)
+    output = claim_json(output, [compressed, against, text], overwrite)
     from .evaluate import evaluate
     from .tables import print_eval
 
@@ -418,6 +452,7 @@ def report(
     tol: Optional[float] = TOL,
     revision: Optional[str] = REVISION,
     device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
     """Rank plots and the Tucker-vs-GQA-vs-MLA trade-off, as figures + index.html + summary.md.
@@ -427,8 +462,6 @@ def report(
 
     Example: [bold]tuckerctl report run/step-*/ -o evolution/ --format png,csv[/bold]
     """
-    from .report import build_report, load_analyses
-
     if style not in ("screen", "paper", "paper-single", "slides"):
         raise InputError(f"--style: {style!r} is not one of screen, paper, paper-single, slides")
     paths = expand_sources(list(sources) + list(compare or []))
@@ -436,18 +469,24 @@ def report(
         from .usage import parse_layer_spec
 
         parse_layer_spec(layers)
+    fmts = options.formats(formats)
+    energies = _analysis_options(energy, tol, device)
+    inputs = [*paths, config]
+    claim(out, "report", inputs=inputs, overwrite=overwrite)
+    from .report import build_report, load_analyses
+
     docs: list[dict] = []
     for p in paths:
         if p.endswith(".json"):
             docs.extend(load_analyses(p))
         else:
             docs.extend(_analysis_docs([p], quiet, False, config=config, heads=heads, kv_heads=kv_heads,
-                                       head_dim=head_dim, family=family, layers=layers, energy=_energies(energy),
+                                       head_dim=head_dim, family=family, layers=layers, energy=energies,
                                        tol=tol, device=device, revision=revision))
-    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    written = build_report(docs, out, formats=fmts, labels=label or None, style=style, panels=panels)
+    written = build_report(docs, out, formats=fmts, labels=label or None, style=style, panels=panels,
+                           overwrite=overwrite, inputs=inputs)
     if not quiet:
-        err.print(f"wrote {len(written)} files to {out}/ (open {out}/index.html)", highlight=False)
+        err.print(Text(f"wrote {len(written)} files to {out}/ (open {out}/index.html)"))
 
 
 def _version(value: bool):
@@ -462,17 +501,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """tuckerctl: what ranks does this model's attention really have, and how far can it be compressed?"""
 
 
+def _say(label: str, style: str, message: str) -> None:
+    """One line on stderr; the message is printed literally (no rich markup, escape codes shown)."""
+    err.print(Text(label, style=style) + Text(" " + printable(message)), highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps library errors to exit codes without tracebacks.
     ``argv`` defaults to ``sys.argv[1:]`` (tests pass it to run the CLI in-process)."""
+    install_signal_handlers()
     try:
         app(args=argv)
     except InputError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _say("error:", "red", str(e))
         sys.exit(2)
     except CheckFailed as e:
-        err.print(f"[red]check failed:[/red] {e}", highlight=False, soft_wrap=True)
+        _say("check failed:", "red", str(e))
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as e:
+        err.print("interrupted" if isinstance(e, KeyboardInterrupt) else f"terminated (signal {e.signum})")
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum)
+    except OSError as e:  # an unexpected read/write failure: still one line, exit 2
+        _say("error:", "red", f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        sys.exit(2)
+    except RecursionError:
+        _say("error:", "red", "input nested too deeply")
+        sys.exit(2)

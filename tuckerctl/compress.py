@@ -22,6 +22,8 @@ from .device import resolve_device
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
+from .options import compress_choice, parse_ranks
+from .outputs import claim
 from .ranks import tucker_params
 from .tucker_format import (
     PARTS,
@@ -85,31 +87,6 @@ def _spectra_for_allocation(stack, spectra, structure: str, head_dim: int) -> Te
     H, m, n = stack.shape
     return TensorSpectra((H, m + H * head_dim, n + stack.groups * head_dim),
                          ([sum(v * v for v in sig[0]) ** 0.5], sig[1], sig[2]), tucker=False)
-
-
-def parse_ranks(text: str | None, option: str) -> tuple[int, int, int] | None:
-    """``"8,128,64"`` -> (8, 128, 64); errors name the option."""
-    if text is None:
-        return None
-    try:
-        ranks = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise InputError(f"{option}: cannot parse {text!r} (use three integers, e.g. 8,128,64)") from None
-    if len(ranks) != 3 or min(ranks) <= 0:
-        raise InputError(f"{option}: need three positive ranks (head,query,key), got {text!r}")
-    return ranks
-
-
-def _validate(ranks, ranks_post, energy, params):
-    chosen = sum(x is not None for x in (ranks, energy, params))
-    if chosen != 1:
-        raise InputError("give exactly one of --ranks, --energy or --params")
-    if ranks_post is not None and ranks is None:
-        raise InputError("--ranks-post needs --ranks")
-    if energy is not None and not 0 < energy <= 1:
-        raise InputError(f"--energy: {energy} is not in (0, 1]")
-    if params is not None and not 0 < params <= 1:
-        raise InputError(f"--params: {params} is not in (0, 1] (a fraction of the attention parameters)")
 
 
 def _metric(stack, key: str, moments, index: int):
@@ -203,11 +180,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     ``tensors``: which tensor(s) to compress (``pre``, ``post`` or ``both``)."""
     fixed_pre = parse_ranks(ranks, "--ranks")
     fixed_post = parse_ranks(ranks_post, "--ranks-post") or fixed_pre
-    _validate(fixed_pre, ranks_post, energy, params)
-    if hooi_iters < 0:
-        raise InputError(f"--hooi-iters: {hooi_iters} is negative")
-    if dtype is not None and dtype not in STORE_DTYPES:
-        raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    compress_choice(fixed_pre, ranks_post, energy, params, hooi_iters, dtype)
     if structure not in STRUCTURES:
         raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
     if method not in METHODS:
@@ -224,14 +197,13 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         from .calibrate import read_text
 
         read_text(calibrate)  # a bad file fails now, not after loading the model
+    claim(out, "checkpoint", inputs=[path, config], overwrite=overwrite)  # refuse before any work
     dev = resolve_device(device)
     start = time.perf_counter()
     ckpt = open_checkpoint(path, config, attention_only=False)
     adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
     kind = choose_structure(spec, structure)
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before the expensive part
-        raise InputError(f"{out}: already exists (use --overwrite to replace it)")
     indices = list(range(spec.layers))
     calib = _moments(path, calibrate, calib_tokens, moments, indices, dev)
     if method == "svd":

@@ -10,3 +10,9 @@ class InputError(Exception):
 
 class CheckFailed(Exception):
     """A requested check did not hold (e.g. error above --max-error): exit code 1."""
+
+
+def printable(text) -> str:
+    """``text`` with control characters (terminal escape codes, newlines) shown as escapes,
+    so that a message stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

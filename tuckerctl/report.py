@@ -22,6 +22,7 @@ import numpy as np
 from . import __version__, interactive, pareto
 from .errors import InputError
 from .io import atomic_write
+from .outputs import claim, file_mode
 from .pareto import MODE_NAMES, TENSORS
 
 SCHEMA = "tuckerctl.analysis/2"
@@ -306,7 +307,7 @@ def default_labels(analyses: Sequence[dict]) -> list[str]:
 
 def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
                  compare: dict | None = None, labels: Sequence[str] | None = None, style: str = "screen",
-                 panels: bool = False) -> list[Path]:
+                 panels: bool = False, overwrite: bool = False, inputs=()) -> list[Path]:
     """Write figures, ``summary.md``, ``index.html`` (and ``ranks.csv``) into ``out_dir``.
 
     ``analysis``: one analysis document or a list of them. ``compare``: another one,
@@ -318,7 +319,9 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     folder names), or the model size. ``style``: "screen" (default), "paper" (7 in,
     double column), "paper-single" (panels 3.5 in wide) or "slides" (13.33 in, large
     fonts). ``panels``: also one file per panel (``<figure>-p<k>.<fmt>``, row by row).
-    Returns the written files."""
+    The directory is built beside ``out_dir`` and renamed into place
+    (:mod:`tuckerctl.outputs`): an existing report is replaced only with ``overwrite``,
+    and never one of ``inputs``. Returns the written files."""
     from . import plotting  # matplotlib is imported only when a report is built
 
     if style not in plotting.STYLES:
@@ -339,10 +342,16 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     labels = list(labels) if labels else default_labels(analyses)
     if len(labels) != len(analyses):
         raise InputError(f"--label: {len(labels)} labels for {len(analyses)} analyses (give one per analysis)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
+    final = Path(out_dir)
+    target = claim(final, "report", inputs=inputs, overwrite=overwrite)
+    with target.staging() as tmp:
+        written = _write_report(analyses, labels, tmp, formats, figure_formats, plotting, style, panels)
+    return [final / p.name for p in written]
 
+
+def _write_report(analyses, labels, out_dir: Path, formats, figure_formats, plotting, style: str = "screen",
+                  panels: bool = False) -> list[Path]:
+    """Write the report's files into ``out_dir`` (the staging directory); returns them."""
     shown = analyses if len(analyses) <= plotting.MAX_OVERLAY else [analyses[0], analyses[-1]]
     builders = {"fig1-spectra": lambda: plotting.fig_spectra(shown),
                 "fig2-ranks": lambda: plotting.fig_ranks(shown),
@@ -433,8 +442,7 @@ def _num(v) -> str:
 
 
 def _readable(tmp: Path) -> None:
-    # The temp file of atomic_write is created 0600; a report is meant to be shared.
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, file_mode())  # the umask's permissions (temp files are created 0600)
 
 
 def _save(fig, tmp: Path, fmt: str, meta: dict, dpi: int, box=None) -> None:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .analysis import MODE_NAMES
+from .errors import printable
+
+
+def lit(value) -> str:
+    """``value`` as literal console text: markup escaped, control characters made visible."""
+    return escape(printable(value))
 
 TENSOR_LABELS = {"pre": "pre-softmax W (query-key)", "post": "post-softmax W̃ (value-output)"}
 
@@ -14,7 +21,7 @@ def _model_line(model: dict) -> str:
     flags = [f for f in ("bias", "rope", "qk_norm") if model.get(f)]
     extra = {k: model[k] for k in ("softcap", "clip_qkv", "alibi", "q_lora_rank", "kv_lora_rank",
                                    "qk_rope_head_dim") if model.get(k)}
-    return (f"[bold]{model['family']}[/bold] ({model['attention']}): {model['layers']} layers, "
+    return (f"[bold]{lit(model['family'])}[/bold] ({model['attention']}): {model['layers']} layers, "
             f"d={model['d']}, heads={model['heads']}, kv_heads={model['kv_heads']}, "
             f"head_dim={model['head_dim']}" + (f", value_dim={model['value_dim']}"
                                                 if model.get("value_dim") != model["head_dim"] else "")
@@ -30,7 +37,7 @@ def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
     model = doc["model"]
     console.print(_model_line(model), highlight=False)
     for note in model.get("notes", []):
-        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"  [yellow]note:[/yellow] {lit(note)}", highlight=False)
     energies = [f"{t:g}" for t in doc["settings"]["energy"]]
     st = doc["settings"]
     tol = f"σ > {st['tol']:g}·σ_1" if st.get("tol") is not None else \
@@ -64,12 +71,12 @@ def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
     summary = doc.get("summary", {})
     headline = summary.get("headline", [])
     for line in headline:
-        console.print(f"[bold]{line}[/bold]", highlight=False)
+        console.print(f"[bold]{lit(line)}[/bold]", highlight=False)
     details = [v for v in summary.get("verdicts", []) if v not in headline]
     if details:
         console.print("[dim]Details:[/dim]", highlight=False)
     for line in details:
-        console.print(f"• {line}", highlight=False)
+        console.print(f"• {lit(line)}", highlight=False)
     secs = summary.get("seconds")
     if secs is not None:
         console.print(f"[dim]{len(doc['layers'])} layers in {secs:.2f} s on {doc['settings']['device']}[/dim]")
@@ -77,17 +84,17 @@ def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
 
 def print_inspect(doc: dict, console: Console) -> None:
     src = doc["source"]
-    console.print(f"{src['path']} ({src['format']}, {src['tensors']} tensors, config: {src['config']})",
+    console.print(f"{lit(src['path'])} ({src['format']}, {src['tensors']} tensors, config: {lit(src['config'])})",
                   highlight=False)
     console.print(_model_line(doc["model"]), highlight=False)
     for note in doc["model"].get("notes", []):
-        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"  [yellow]note:[/yellow] {lit(note)}", highlight=False)
     layer = doc["layer0"]
     table = Table(title="Layer 0 tensors read", title_justify="left")
     for col in ("tensor", "dtype", "shape"):
         table.add_column(col)
     for t in layer["tensors"]:
-        table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])))
+        table.add_row(lit(t["name"]), lit(t["dtype"]), "×".join(map(str, t["shape"])))
     console.print(table)
     console.print(f"pre-softmax tensor {layer['pre_shape']} ceilings {layer['pre_ceilings']}; "
                   f"post-softmax tensor {layer['post_shape']} ceilings {layer['post_ceilings']}; "
@@ -101,12 +108,12 @@ def print_compress(doc: dict, out, console: Console) -> None:
     count = s["params_compressed"] if svd else s["params_tucker"]
     weighted = (f", max activation-weighted error {s['max_activation_rel_error']:.3g}"
                 if "max_activation_rel_error" in s else "")
-    console.print(f"wrote {out}/: {count:,} {kind} parameters for {s['params_original']:,} "
+    console.print(f"wrote {lit(out)}/: {count:,} {kind} parameters for {s['params_original']:,} "
                   f"attention parameters ({100 * s['ratio']:.1f}%), max relative weight error "
                   f"{s['max_rel_error']:.3g}{weighted}, KV cache per token {s['kv_cache_per_token']['original']} → "
                   f"{s['kv_cache_per_token'][kv]}", highlight=False)
     for note in doc.get("notes", []):
-        console.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"  [yellow]note:[/yellow] {lit(note)}", highlight=False)
 
 
 def print_verify(doc: dict, console: Console) -> None:

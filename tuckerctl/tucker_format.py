@@ -45,9 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +54,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError
+from .outputs import claim, dumps_strict
 
 SCHEMA = "tuckerctl.tucker/1"
 TUCKER, QK_INPUT = "tucker", "qk_input"  # structures of the pre-softmax tensor
@@ -138,21 +137,15 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
     place at the end, so an interrupted run leaves no partial output. ``replaced``
     are the source tensors not copied (the attention projections)."""
     out_dir = Path(out_dir)
-    src_root = (source.path if source.path.is_dir() else source.path.parent).resolve()
-    if out_dir.resolve() == src_root or out_dir.resolve() == source.path.resolve():
-        raise InputError(f"{out_dir}: refusing to write over the input checkpoint")
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir}: already exists (use --overwrite to replace it)")
+    files = sorted({t.file for t in source.tensors.values()})
+    target = claim(out_dir, "checkpoint", inputs=[source.path, source.config_path, *files], overwrite=overwrite)
     entries = [_Entry(n, source.dtype(n), source.shape(n), source.tensors[n].nbytes, source=source)
                for n in source.names() if n not in replaced] if source.format == "safetensors" else []
     for name, t in factors.items():
         entries.append(_Entry(name, _TORCH_DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
                               tensor=t))
-    metadata = {"format": "pt", "tuckerctl": json.dumps(info)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the output is an ordinary directory
-    try:
+    metadata = {"format": "pt", "tuckerctl": dumps_strict(info, "compressed metadata")}
+    with target.staging() as tmp:
         groups = _shards(entries, shard_bytes)
         if len(groups) == 1:
             _write_shard(tmp / "model.safetensors", groups[0], metadata)
@@ -165,20 +158,9 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
                 weight_map.update({e.name: fname for e in group})
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries), "tuckerctl": info},
                      "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            (tmp / "model.safetensors.index.json").write_text(dumps_strict(index, indent=1))
         if source.config is not None:
-            (tmp / "config.json").write_text(json.dumps(source.config, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / "config.json").write_text(dumps_strict(source.config, "config", indent=2))
     return sorted(out_dir.iterdir())
 
 

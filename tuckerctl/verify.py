@@ -27,6 +27,7 @@ from .device import resolve_device
 from .errors import InputError
 from .multilinear import HeadStack
 from .nn import TuckerAttention
+from .options import non_negative
 from .tucker_format import TuckerCheckpoint, content_hash, load
 
 SCHEMA = "tuckerctl.verify/1"
@@ -117,8 +118,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
     """Check every layer of ``compressed`` against the ``against`` checkpoint."""
     if tokens < 1:
         raise InputError(f"--tokens: {tokens} must be positive")
-    if max_error is not None and max_error < 0:
-        raise InputError(f"--max-error: {max_error} is negative")
+    non_negative(max_error, "--max-error")  # NaN too: a check against NaN could never fail
     dev = resolve_device(device)
     start = time.perf_counter()
     tk = load(compressed)
