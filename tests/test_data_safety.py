@@ -373,7 +373,9 @@ def test_signal_mid_write_leaves_nothing(template, tmp_path, sig):
             "tf._write_shard = slow\nfrom tuckerctl.cli import main\n"
             "sys.argv = ['tuckerctl', 'compress', 'model', '-o', 'out', '--ranks', '2,8,8', '--no-check', '-q']\n"
             "main()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True)
+    # A background job's SIGINT is ignored (and inherited); give the child the default back.
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for_temp(root, proc), proc.stderr.read() if proc.poll() is not None else "no temp dir"
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
