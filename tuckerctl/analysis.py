@@ -384,10 +384,11 @@ def tradeoff_verdicts(doc: dict) -> list[str]:
             contiguous = t.gqa_contiguous.errors[i] if t.gqa_contiguous is not None else t.gqa.errors[i]
             regrouped = next((r["regrouped_layers"] for r in doc["summary"]["tradeoff"][key]["gqa"]
                               if r["groups"] == g), 0)
-            lines.append(f"{label}: GQA-shaped with {g} group(s) ({x:,.0f} parameters): exact error {contiguous:.3f} "
-                         f"with contiguous groups" + (f", {t.gqa.errors[i]:.3f} with the greedy regrouping "
-                                                       f"({regrouped} of {len(doc['layers'])} layers regrouped)"
-                                                       if t.gqa.errors[i] < contiguous * (1 - 1e-9) else "")
+            lines.append(f"{label}: GQA-shaped with {g} group(s) ({x:,.0f} parameters): exact error {contiguous:.3f}"
+                         + (" with contiguous groups" if g > 1 else "")
+                         + (f", {t.gqa.errors[i]:.3f} with the greedy regrouping "
+                            f"({regrouped} of {len(doc['layers'])} layers regrouped)"
+                            if t.gqa.errors[i] < contiguous * (1 - 1e-9) else "")
                          + f"; at that size Tucker {fmt(pareto.best_error(t.tucker, x))}, "
                            f"MLA-shaped {fmt(pareto.best_error(t.mla, x))}")
     if model["attention"] in ("MHA", "GQA", "MQA"):
