@@ -428,6 +428,55 @@ def eval_(
 
 
 @app.command()
+def heal(
+    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress (qk_input structure)."),
+    against: Path = typer.Option(..., "--against", help="The original it was compressed from (model directory "
+                                 "or .gguf), run with transformers as the teacher."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 healing text (keep it disjoint from evaluation text)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (a normal compressed checkpoint, "
+                             "written atomically)."),
+    tokens: int = typer.Option(8192, "--tokens", help="Tokens of the text to use (from its start)."),
+    steps: int = typer.Option(100, "--steps", help="Optimiser steps per layer."),
+    lr: float = typer.Option(0.01, "--lr", help="Peak step size relative to each tensor's RMS."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
+    batch: int = typer.Option(4, "--batch", help="Windows per step."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    device: str = DEVICE,
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Distil the Tucker factors layer by layer so each compressed layer reproduces the original
+    layer's attention output on real hidden states; same structure and ranks.
+
+    Example: [bold]tuckerctl heal out/ --against model/ --text calib.txt -o out-healed/[/bold]
+    """
+    import signal
+
+    from .heal import heal as run
+
+    # SIGTERM (timeout, CI cancel) cleans up like Ctrl-C: nothing is written until the end, atomically.
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        callback, ctx = _progress(quiet, "heal")
+        with ctx:
+            doc = run(compressed, against, text, out, tokens=tokens, steps=steps, lr=lr, seq_len=seq_len,
+                      batch=batch, seed=seed, device=device, overwrite=overwrite, progress=callback)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not quiet:
+        loss = doc["loss"]
+        err.print(f"healed {len(doc['layers'])} layers in {doc['seconds']:.1f} s: held-out relative output loss "
+                  f"mean {loss['val_initial_mean']:.4g} -> {loss['val_final_mean']:.4g}, worst "
+                  f"{loss['val_initial_max']:.4g} -> {loss['val_final_max']:.4g}; wrote {out}/", highlight=False)
+    emit_json({"schema": "tuckerctl.heal/1", **doc}, json_out, output)
+
+
+@app.command()
 def report(
     sources: list[str] = typer.Argument(..., help="Analysis JSONs (from analyze --json) or checkpoints (analysed "
                                         "first, with the options below); any number, globs allowed.",

@@ -1,0 +1,227 @@
+"""tuckerctl heal: layer-wise distillation of the Tucker factors on a tiny Llama.
+
+Oracles: the original model's own attention outputs (transformers, captured by hooks)
+against the healed checkpoint run through ``tuckerctl.patch`` (the inference path,
+independent of the training modules); raw safetensors bytes for everything heal must
+not touch. Text: Python's ``pydoc_data/topics.py`` prose, read at run time, split by
+topic into a healing part and a disjoint evaluation part."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from oracle import capture, rel_err
+
+import tuckerctl
+from tuckerctl.compress import compress
+from tuckerctl.heal import _orthonormal, heal, retract, student_attention
+from tuckerctl.tucker_format import TENSOR_PREFIX, load
+from tuckerctl.verify import verify
+
+RANKS, RANKS_POST = "8,20,10", "4,20,10"
+
+
+def topics_text(part: str) -> str:
+    """Even-numbered topics (sorted by name) for healing, odd ones for evaluation."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    return "\n\n".join(topics[k] for k in (keys[0::2] if part == "heal" else keys[1::2]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir with a character tokenizer, its compressed checkpoint, healing text file, eval ids)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("heal")
+    src = root / "model"
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                         num_hidden_layers=2, intermediate_size=96, vocab_size=64, max_position_embeddings=512)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # anisotropic inputs, as trained models have, so that real hidden states matter
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.copy_(torch.logspace(0.5, -1.5, 64)[torch.randperm(64)])
+    model.save_pretrained(src)
+    heal_text = topics_text("heal")
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, (c, _) in enumerate(Counter(heal_text).most_common(63))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    tokenizer.save_pretrained(src)
+    text = root / "heal.txt"
+    text.write_text(heal_text, encoding="utf-8")
+    comp = root / "compressed"
+    compress(src, comp, ranks=RANKS, ranks_post=RANKS_POST, device="cpu", dtype="float32")
+    eval_ids = torch.tensor(tokenizer(topics_text("eval")[:1024])["input_ids"][:256]).reshape(1, -1)
+    return src, comp, text, eval_ids
+
+
+def attention_errors(src, ckpt, ids) -> list[float]:
+    """Per layer: relative error of the patched model's attention output against the
+    original's, each on the ORIGINAL model's hidden states (teacher inputs)."""
+    original = tf.LlamaForCausalLM.from_pretrained(src).eval()
+    patched = tuckerctl.patch(tf.LlamaForCausalLM.from_pretrained(src).eval(), ckpt)
+    errs = []
+    for i, layer in enumerate(original.model.layers):
+        x, y = capture(original, layer.self_attn, {"input_ids": ids})
+        seen = {}
+        h = original.model.layers[i].self_attn.register_forward_hook(
+            lambda m, a, kw, out: seen.update(kw=kw), with_kwargs=True)
+        with torch.no_grad():
+            original(input_ids=ids)
+        h.remove()
+        kw = {k: v for k, v in seen["kw"].items() if k in ("position_embeddings", "attention_mask")}
+        with torch.no_grad():
+            y_hat = patched.model.layers[i].self_attn(hidden_states=x[None].float(), **kw)[0][0]
+        errs.append(rel_err(y_hat.double(), y))
+    return errs
+
+
+@pytest.fixture(scope="module")
+def healed(tiny, tmp_path_factory):
+    src, comp, text, _ = tiny
+    out = tmp_path_factory.mktemp("healed") / "out"
+    record = heal(comp, src, text, out, tokens=3072, steps=40, seq_len=128, batch=2, device="cpu")
+    return out, record
+
+
+def test_student_is_the_patched_attention_and_retraction_keeps_it(tiny):
+    """The trainable modules compute what tuckerctl.patch installs; the QR retraction leaves the
+    function unchanged and the factors orthonormal."""
+    src, comp, _, ids = tiny
+    original = tf.LlamaForCausalLM.from_pretrained(src).eval()
+    patched = tuckerctl.patch(tf.LlamaForCausalLM.from_pretrained(src).eval(), comp)
+    layer = load(comp).layer(1)
+    student = student_attention(original.model.layers[1].self_attn, layer, 64, 16)
+    x = torch.randn(1, 12, 64)
+    pos = original.model.rotary_emb(x, torch.arange(12)[None])
+    with torch.no_grad():
+        a = patched.model.layers[1].self_attn(hidden_states=x, position_embeddings=pos, attention_mask=None)[0]
+        b = student(hidden_states=x, position_embeddings=pos, attention_mask=None)[0]
+        assert rel_err(b, a) < 1e-5
+        # perturb off the manifold, then retract: same output as before the retraction, orthonormal factors
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p) * p.abs().mean())
+        before = student(hidden_states=x, position_embeddings=pos, attention_mask=None)[0]
+        retract(student)
+        after = student(hidden_states=x, position_embeddings=pos, attention_mask=None)[0]
+    assert rel_err(after, before) < 1e-5
+    for U in (student.q_proj.down.U, student.k_proj.down.U, student.v_proj.U, student.o_proj.output,
+              student.o_proj.head):
+        eye = torch.eye(U.shape[1])
+        assert float((U.T @ U - eye).detach().abs().max()) < 1e-5
+    Q, R = _orthonormal(torch.randn(9, 4))
+    assert (torch.diagonal(R) > 0).all()
+
+
+def test_healing_reduces_the_layer_output_loss(tiny, healed):
+    """Measured independently through tuckerctl.patch on held-out (evaluation) text: each layer's
+    attention output is closer to the original's after healing."""
+    src, comp, _, ids = tiny
+    out, record = healed
+    before, after = attention_errors(src, comp, ids), attention_errors(src, out, ids)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    for layer in record["layers"]:
+        assert layer["val_loss_final"] < layer["val_loss_initial"]
+
+
+@pytest.mark.slow
+def test_healing_loss_decreases_in_expectation_over_seeds(tiny, tmp_path):
+    """Over several seeds (window orders), the held-out loss averaged across seeds decreases
+    from each validation point to the next, and every run ends below where it started."""
+    src, comp, text, _ = tiny
+    curves = []
+    for seed in range(3):
+        rec = heal(comp, src, text, tmp_path / f"s{seed}", tokens=2048, steps=30, seq_len=128, batch=2,
+                   device="cpu", seed=seed)
+        for layer in rec["layers"]:
+            assert layer["val_loss_final"] < layer["val_loss_initial"]
+            curves.append([v for _, v in layer["val_curve"]])
+    mean = torch.tensor(curves).mean(0)
+    assert (mean[1:] < mean[:-1]).all(), mean
+
+
+def test_heal_touches_only_the_trained_factors(tiny, healed):
+    """Every other tensor is byte-identical to the compressed input; the trained ones keep their
+    names, shapes and dtypes (same structure and ranks)."""
+    _, comp, _, _ = tiny
+    out, _ = healed
+    a, b = load(comp).ckpt, load(out).ckpt
+    assert sorted(a.names()) == sorted(b.names())
+    trained = {"query", "key", "query_heads", "key_groups", "core", "head", "output", "value"}
+    changed = []
+    for name in a.names():
+        assert a.shape(name) == b.shape(name) and a.dtype(name) == b.dtype(name), name
+        if a.raw_bytes(name) != b.raw_bytes(name):
+            changed.append(name)
+    assert changed and all(n.startswith(TENSOR_PREFIX) and n.rsplit(".", 1)[1] in trained for n in changed)
+    untouched = [n for n in a.names() if not n.startswith(TENSOR_PREFIX)]
+    assert untouched and not set(untouched) & set(changed)
+
+
+def test_healed_checkpoint_round_trips(tiny, healed):
+    """load, verify and the metadata record of the healing; factors stay orthonormal."""
+    src, _, text, _ = tiny
+    out, record = healed
+    tk = load(out)
+    info = tk.info["healing"]
+    assert info["text"]["sha256"] == __import__("hashlib").sha256(Path(text).read_bytes()).hexdigest()
+    assert info["text"]["tokens"] == 3072 and info["steps"] == 40 and len(info["layers"]) == 2
+    assert info["loss"]["val_final_mean"] < info["loss"]["val_initial_mean"]
+    json.dumps(tk.info, allow_nan=False)
+    for i in tk.layers:
+        layer = tk.layer(i)
+        for U in (layer.pre_factors[1], layer.pre_factors[2], *layer.post_factors):
+            assert float((U.T @ U - torch.eye(U.shape[1])).abs().max()) < 1e-4
+    doc = verify(out, src, device="cpu")
+    assert doc["passed"] and all(torch.isfinite(torch.tensor(r["output_rel_error"])) for r in doc["layers"])
+
+
+def test_cli_heal_and_its_errors(tiny, tmp_path):
+    src, comp, text, _ = tiny
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cli = [sys.executable, "-m", "tuckerctl", "heal"]
+    res = subprocess.run([*cli, comp, "--against", src, "--text", text, "-o", tmp_path / "h", "--tokens", "1024",
+                          "--steps", "3", "--seq-len", "128", "--json", "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["schema"] == "tuckerctl.heal/1" and doc["steps"] == 3
+    for args, needle in (([comp, "--against", src, "--text", tmp_path / "none.txt", "-o", tmp_path / "x"],
+                          "none.txt"),
+                         ([comp, "--against", src, "--text", text, "-o", tmp_path / "h"], "already exists"),
+                         ([comp, "--against", src, "--text", text, "-o", src / "inside"], "input"),
+                         ([src, "--against", src, "--text", text, "-o", tmp_path / "y"], "not a tuckerctl")):
+        res = subprocess.run([*cli, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_interrupted_heal_leaves_nothing(tiny, tmp_path, monkeypatch):
+    src, comp, text, _ = tiny
+    import tuckerctl.heal as module
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = module.heal_layer
+    monkeypatch.setattr(module, "heal_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(comp, src, text, tmp_path / "out", tokens=1024, steps=2, seq_len=128, device="cpu")
+    assert list(tmp_path.iterdir()) == []
