@@ -74,9 +74,9 @@ def attention_errors(src, ckpt, ids) -> list[float]:
     errs = []
     for i, layer in enumerate(original.model.layers):
         x, y = capture(original, layer.self_attn, {"input_ids": ids})
-        seen = {}
+        seen: dict = {}
         h = original.model.layers[i].self_attn.register_forward_hook(
-            lambda m, a, kw, out: seen.update(kw=kw), with_kwargs=True)
+            lambda m, a, kw, out, seen=seen: seen.update(kw=kw), with_kwargs=True)
         with torch.no_grad():
             original(input_ids=ids)
         h.remove()

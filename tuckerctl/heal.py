@@ -179,7 +179,7 @@ def retract(student: nn.Module) -> None:
 def _attention_modules(model: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
     """{layer: attention module} (the module holding q_proj ... o_proj) of a Llama-like model."""
     found = {}
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if all(hasattr(mod, leaf) for leaf in (*_QK_LEAVES, _OUT_LEAF)) and hasattr(mod, "layer_idx"):
             found[int(mod.layer_idx)] = mod
     missing = [i for i in layers if i not in found]
