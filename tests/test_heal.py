@@ -3,8 +3,8 @@
 Oracles: the original model's own attention outputs (transformers, captured by hooks)
 against the healed checkpoint run through ``tuckerctl.patch`` (the inference path,
 independent of the training modules); raw safetensors bytes for everything heal must
-not touch. Text: Python's ``pydoc_data/topics.py`` prose, read at run time, split by
-topic into a healing part and a disjoint evaluation part."""
+not touch. Text: Python's ``pydoc_data/topics.py`` prose (tests/textdata.py), healing on the
+calibration topics, measuring on the disjoint evaluation topics."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from oracle import capture, rel_err
+from textdata import save_tiny_lm, write_texts
 
 import tuckerctl
 from tuckerctl.compress import compress
@@ -29,40 +29,18 @@ from tuckerctl.verify import verify
 RANKS, RANKS_POST = "8,20,10", "4,20,10"
 
 
-def topics_text(part: str) -> str:
-    """Even-numbered topics (sorted by name) for healing, odd ones for evaluation."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    return "\n\n".join(topics[k] for k in (keys[0::2] if part == "heal" else keys[1::2]))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model dir with a character tokenizer, its compressed checkpoint, healing text file, eval ids)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
+    """(model dir with a character tokenizer, its compressed checkpoint, healing text file, eval ids):
+    a 2-layer GQA Llama with anisotropic inputs (so that real hidden states matter)."""
     root = tmp_path_factory.mktemp("heal")
     src = root / "model"
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                         num_hidden_layers=2, intermediate_size=96, vocab_size=64, max_position_embeddings=512)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # anisotropic inputs, as trained models have, so that real hidden states matter
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.copy_(torch.logspace(0.5, -1.5, 64)[torch.randperm(64)])
-    model.save_pretrained(src)
-    heal_text = topics_text("heal")
-    vocab = {"[UNK]": 0, **{c: i + 1 for i, (c, _) in enumerate(Counter(heal_text).most_common(63))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    tokenizer.save_pretrained(src)
-    text = root / "heal.txt"
-    text.write_text(heal_text, encoding="utf-8")
+    save_tiny_lm(src)
+    text, evaluation = write_texts(root)
     comp = root / "compressed"
     compress(src, comp, ranks=RANKS, ranks_post=RANKS_POST, device="cpu", dtype="float32")
-    eval_ids = torch.tensor(tokenizer(topics_text("eval")[:1024])["input_ids"][:256]).reshape(1, -1)
+    tokenizer = tf.AutoTokenizer.from_pretrained(src)
+    eval_ids = torch.tensor(tokenizer(evaluation.read_text()[:1024])["input_ids"][:256]).reshape(1, -1)
     return src, comp, text, eval_ids
 
 
@@ -188,6 +166,7 @@ def test_healed_checkpoint_round_trips(tiny, healed):
     assert doc["passed"] and all(torch.isfinite(torch.tensor(r["output_rel_error"])) for r in doc["layers"])
 
 
+@pytest.mark.slow  # five subprocesses, each importing torch and transformers
 def test_cli_heal_and_its_errors(tiny, tmp_path):
     src, comp, text, _ = tiny
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}

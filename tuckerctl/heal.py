@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .calibrate import read_text, token_ids
 from .device import resolve_device
 from .errors import InputError
 from .tucker_format import QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
@@ -291,52 +292,15 @@ def _summary(records: list[dict]) -> dict:
     return out
 
 
-def _load_teacher(against: Path, dev: torch.device):
+def _load_teacher(against: Path, compressed: Path, dev: torch.device):
     """(model, tokenizer) of the original checkpoint (a model directory or a .gguf file)."""
-    try:
-        import transformers as tf
-    except ImportError:
-        raise InputError("heal needs transformers: pip install 'tuckerctl[eval]'") from None
-    tf.utils.logging.set_verbosity_error()
-    tf.utils.logging.disable_progress_bar()
-    against = Path(against)
-    if not against.exists():
-        raise InputError(f"{against}: no such file or directory")
-    directory, gguf = (against.parent, against.name) if against.suffix == ".gguf" else (against, None)
-    if gguf is None and not (directory / "config.json").is_file():
-        raise InputError(f"{against}: no config.json (heal needs the original as a runnable model)")
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        gguf_utils = None
-    bar = getattr(gguf_utils, "tqdm", None)
-    try:
-        if bar is not None:  # transformers' GGUF loader draws its own bar on stderr
-            gguf_utils.tqdm = lambda iterable, **_: iterable
-        model = tf.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
-        tokenizer = tf.AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{against}: transformers cannot load it with its tokenizer ({first})") from None
-    finally:
-        if bar is not None:
-            gguf_utils.tqdm = bar
-    return model.eval().to(dev), tokenizer
+    from .hf import load_model, load_tokenizer
 
-
-def _read_text(path: Path) -> tuple[str, str]:
-    try:
-        raw = Path(path).read_bytes()
-        text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a text file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    if not text.strip():
-        raise InputError(f"{path}: empty text")
-    return text, hashlib.sha256(raw).hexdigest()
+    tokenizer = load_tokenizer(against, compressed if compressed.is_dir() else compressed.parent)
+    model, causal = load_model(against, dev)
+    if not causal:
+        raise InputError(f"{against}: heal needs a causal language model")
+    return model, tokenizer
 
 
 def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -351,7 +315,7 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
     return chunk(train_idx), chunk(val_idx)
 
 
-def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.01,
+def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.03,
          seq_len: int = 256, batch: int = 4, device: str = "auto", overwrite: bool = False, seed: int = 0,
          progress: Callable[[int, int], None] | None = None) -> dict:
     """Heal the compressed checkpoint ``compressed`` against its original ``against`` on the
@@ -364,7 +328,8 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     if not (math.isfinite(lr) and lr > 0):
         raise InputError(f"--lr: {lr} must be a positive number")
     compressed, against, out = Path(compressed), Path(against), Path(out)
-    body, digest = _read_text(text)
+    body = read_text(text)
+    digest = hashlib.sha256(Path(text).read_bytes()).hexdigest()
     tk = load(compressed)
     family = tk.spec.get("family")
     if family not in HEALABLE:
@@ -384,11 +349,11 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     dev = resolve_device(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model, tokenizer = _load_teacher(against, dev)
+    model, tokenizer = _load_teacher(against, compressed, dev)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if (cfg.hidden_size, cfg.num_hidden_layers) != (tk.spec["d"], tk.spec["layers"]):
         raise InputError(f"{compressed} was compressed from a different model than {against}")
-    ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"][:tokens], dtype=torch.long)
+    ids = token_ids(tokenizer, body, tokens)
     limit = getattr(cfg, "max_position_embeddings", None)
     seq_len = min(seq_len, int(limit)) if limit else seq_len
     train_ids, val_ids = _windows(ids, seq_len, batch)
