@@ -452,22 +452,13 @@ def heal(
 
     Example: [bold]tuckerctl heal out/ --against model/ --text calib.txt -o out-healed/[/bold]
     """
-    import signal
-
     from .heal import heal as run
 
-    # SIGTERM (timeout, CI cancel) cleans up like Ctrl-C: nothing is written until the end, atomically.
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        callback, ctx = _progress(quiet, "heal", unit="steps")
-        with ctx:
-            doc = run(compressed, against, text, out, tokens=tokens, steps=steps, lr=lr, seq_len=seq_len,
-                      batch=batch, seed=seed, device=device, overwrite=overwrite, progress=callback)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    output = claim_json(output, [compressed, against, text, out], overwrite)
+    callback, ctx = _progress(quiet, "heal", unit="steps")
+    with ctx:  # Ctrl-C / SIGTERM: nothing is written until the end, atomically
+        doc = run(compressed, against, text, out, tokens=tokens, steps=steps, lr=lr, seq_len=seq_len,
+                  batch=batch, seed=seed, device=device, overwrite=overwrite, progress=callback)
     if not quiet:
         loss = doc["loss"]
         err.print(f"healed {len(doc['layers'])} layers in {doc['seconds']:.1f} s: held-out relative output loss "
