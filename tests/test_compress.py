@@ -301,3 +301,20 @@ def test_same_errors_on_cuda_as_on_cpu(tmp_path):
         for key in ("pre", "post"):
             assert abs(a[key]["rel_error"] - b[key]["rel_error"]) <= 1e-9
         assert abs(a["output_rel_error"] - b["output_rel_error"]) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["GQA-bias", "MLA"])
+def test_model_spec_round_trips_through_the_metadata(kind, tmp_path):
+    """The spec a compressed checkpoint stores (as_dict) reads back as the detected ModelSpec."""
+    import dataclasses
+
+    from tuckerctl.adapters.base import ModelSpec
+
+    src = MODELS[kind](tmp_path / "src")
+    spec = detect(open_checkpoint(src))[1]
+    compress(src, tmp_path / "out", ranks="2,8,4", hooi_iters=0, device="cpu")
+    back = ModelSpec.from_dict(tuckerctl.load(tmp_path / "out").spec)
+    assert back == dataclasses.replace(spec, prefix="")
+    assert back.as_dict() == spec.as_dict()
+    with pytest.raises(ValueError, match="lacks heads"):
+        ModelSpec.from_dict({k: v for k, v in spec.as_dict().items() if k != "heads"})

@@ -168,13 +168,16 @@ def test_calibrated_svd_beats_uncalibrated_at_equal_parameters(lm, tmp_path):
 
 
 def test_eval_bad_inputs_are_one_line_exit_2(lm, tmp_path):
+    from oracle import assert_user_error as one_line_exit_2
+    from oracle import run_cli  # in-process: three torch imports saved
+
     model, path, calib, evaluation = lm
-    res = run("eval", tmp_path / "nope", "--against", path, "--text", evaluation)
-    assert_user_error(res, "nope")
-    res = run("eval", path, "--against", path, "--text", tmp_path / "missing.txt")
-    assert_user_error(res, "missing.txt")
-    res = run("eval", path, "--against", path, "--text", evaluation, "--seq-len", "1")
-    assert_user_error(res, "--seq-len")
+    res = run_cli("eval", tmp_path / "nope", "--against", path, "--text", evaluation)
+    one_line_exit_2(res, "nope")
+    res = run_cli("eval", path, "--against", path, "--text", tmp_path / "missing.txt")
+    one_line_exit_2(res, "missing.txt")
+    res = run_cli("eval", path, "--against", path, "--text", evaluation, "--seq-len", "1")
+    one_line_exit_2(res, "--seq-len")
 
 
 @pytest.mark.slow

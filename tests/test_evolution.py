@@ -223,6 +223,7 @@ def test_many_layer_spectra_are_median_and_band(widths):
     assert len([line for line in ax.get_lines() if len(line.get_xdata()) > 2]) == len(widths[1]["layers"])
 
 
+@pytest.mark.slow  # renders every panel: ~50 s on 2 cores
 def test_one_file_per_panel(widths, tmp_path):
     import matplotlib.image as mpimg
 

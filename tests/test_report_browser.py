@@ -46,6 +46,7 @@ def page(tmp_path_factory):
     return out / "index.html"
 
 
+@pytest.mark.slow  # starts chromium: ~45 s on 2 cores
 def test_page_runs_clean_in_headless_chromium(page, tmp_path):
     assert BROWSER is not None, "TUCKERCTL_REQUIRE_BROWSER is set but chromium is missing"
     url = page.as_uri() + "#selftest"

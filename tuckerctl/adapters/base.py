@@ -15,7 +15,7 @@ Norm gains between projections are folded into the adjacent factor.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -25,9 +25,11 @@ from ..errors import InputError
 from ..multilinear import HeadStack
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelSpec:
-    """The detected attention structure of a model (everything outside the tensors)."""
+    """The detected attention structure of a model (everything outside the tensors).
+    Keyword-only; :meth:`as_dict` and :meth:`from_dict` convert to and from the ``model``
+    record of the JSON documents and of a compressed checkpoint's metadata."""
 
     family: str  # config model_type, e.g. "llama"
     attention: str  # "MHA" | "GQA" | "MQA" | "MLA"
@@ -52,6 +54,17 @@ class ModelSpec:
         out.update(self.extras)
         out["notes"] = list(self.notes)
         return out
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> ModelSpec:
+        """The inverse of :meth:`as_dict`: top-level fields by name, every other key (except
+        ``notes``) into ``extras``. ``prefix`` is not in the dict and comes back empty."""
+        top = [f.name for f in fields(cls) if f.name not in ("extras", "notes", "prefix")]
+        missing = [k for k in top if k not in doc]
+        if missing:
+            raise ValueError(f"model record lacks {', '.join(missing)}")
+        return cls(**{k: doc[k] for k in top}, notes=list(doc.get("notes", [])),
+                   extras={k: v for k, v in doc.items() if k not in top and k != "notes"})
 
     def layer_scale(self, i: int) -> float:
         """Logit scale of layer ``i``: ``scale``, divided by (i + 1) for GPT-2 models with

@@ -69,8 +69,9 @@ class SeparateMHA(Adapter):
             raise InputError(f"{src}: {self.bias_key!r} is {cfg[self.bias_key]} but tensor "
                              f"'{base + self.proj['q']}.bias' is {'present' if bias else 'absent'}")
         extras = self._extras(cfg, notes)
-        return ModelSpec(family, attention_kind(H, H), layers, d, H, H, dh, dh, bias, False, False,
-                         default_scale(dh), extras, notes, prefix)
+        return ModelSpec(family=family, attention=attention_kind(H, H), layers=layers, d=d, heads=H, kv_heads=H,
+                         head_dim=dh, value_dim=dh, bias=bias, rope=False, qk_norm=False, scale=default_scale(dh),
+                         extras=extras, notes=notes, prefix=prefix)
 
     def layer(self, ckpt: Checkpoint, spec: ModelSpec, i: int) -> LayerWeights:
         base = f"{spec.prefix}{self.stack}{i}."

@@ -156,8 +156,9 @@ class FusedQKV(Adapter):
             raise InputError(f"{src}: {self.bias_key!r} is {cfg[self.bias_key]} but tensor "
                              f"'{base + self.qkv}.bias' is {'present' if bias else 'absent'}")
         rope, scale, extras = self._extras(cfg, dh, notes)
-        return ModelSpec(family, attention_kind(H, G), layers, d, H, G, dh, dh,
-                         bias, rope, False, scale, extras, notes, prefix)
+        return ModelSpec(family=family, attention=attention_kind(H, G), layers=layers, d=d, heads=H, kv_heads=G,
+                         head_dim=dh, value_dim=dh, bias=bias, rope=rope, qk_norm=False, scale=scale,
+                         extras=extras, notes=notes, prefix=prefix)
 
     def layer(self, ckpt: Checkpoint, spec: ModelSpec, i: int) -> LayerWeights:
         base = f"{spec.prefix}{self.stack}{i}."

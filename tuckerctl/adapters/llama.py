@@ -129,8 +129,9 @@ class LlamaLike(Adapter):
             extras["partial_rotary_factor"] = prf
         if family.startswith(("gemma2", "gemma3", "olmo2", "olmo3")):
             extras["post_attention_norm"] = True
-        spec = ModelSpec(family, attention_kind(H, G), layers, d, H, G, head_dim, head_dim,
-                         bias, True, qk_norm, scale, extras, notes, prefix)
+        spec = ModelSpec(family=family, attention=attention_kind(H, G), layers=layers, d=d, heads=H, kv_heads=G,
+                         head_dim=head_dim, value_dim=head_dim, bias=bias, rope=True, qk_norm=qk_norm,
+                         scale=scale, extras=extras, notes=notes, prefix=prefix)
 
         # Verify every dimension against layer 0 now, so a wrong config fails at detection.
         for proj, shape in _shapes(spec).items():

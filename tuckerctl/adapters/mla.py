@@ -276,8 +276,9 @@ class MLA(Adapter):
             extras["residual_scale"] = res
             notes.append(f"MiniCPM3 scales the attention output by scale_depth/sqrt(L) = {res:.6g} "
                          f"before the residual add; not folded into W_VO")
-        spec = ModelSpec(family, "MLA", layers, d, H, H, d_n + d_r, d_v, bias, True, True,
-                         scale, extras, notes, prefix)
+        spec = ModelSpec(family=family, attention="MLA", layers=layers, d=d, heads=H, kv_heads=H,
+                         head_dim=d_n + d_r, value_dim=d_v, bias=bias, rope=True, qk_norm=True, scale=scale,
+                         extras=extras, notes=notes, prefix=prefix)
         for suffix, (expected, required) in _shapes(spec).items():  # config vs layer-0 shapes, up front
             if required or base + suffix in ckpt:
                 check_shape(ckpt, base + suffix, expected, _what(spec))
