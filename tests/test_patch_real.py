@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from test_export import run_child
 from test_real_checkpoints import MINILM, SMOL, needs_minilm, needs_smol
 
 import tuckerctl
 from tuckerctl.compress import compress
+from tuckerctl.export import export
 
 CEILING = "100000,100000,100000"
 PROSE = "The quick brown fox jumps over the lazy dog because it wants to reach the river before dark."
@@ -29,6 +31,12 @@ def test_smollm2_patched_at_the_ceilings_equals_the_original_and_generates_the_s
     g0 = original.generate(**ids, max_new_tokens=16, do_sample=False)
     g1 = model.generate(**ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(g0, g1) and g1.shape[1] == ids["input_ids"].shape[1] + 16
+    # export: a plain transformers directory, loaded in a process without tuckerctl
+    doc = export(tmp_path / "out", tmp_path / "hf")
+    assert doc["max_export_error"] <= 1e-5
+    got = run_child(tmp_path / "hf", "lm", ids)
+    assert float((got - b).abs().max() / b.abs().max()) <= 1e-5
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() or (tmp_path / "hf" / "tokenizer_config.json").is_file()
 
 
 @needs_minilm

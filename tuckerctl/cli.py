@@ -332,6 +332,9 @@ def compress(
                   calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors, progress=callback)
     if not quiet:
         print_compress(doc, out, err)
+    elif doc.get("warnings"):  # a result bigger than its source is worth a line even when quiet
+        for warning in doc["warnings"]:
+            err.print(f"warning: {warning}", highlight=False)
     check = check and method == "tucker"  # verify checks Tucker factors; svd records its errors itself
     if check:
         callback, ctx = _progress(quiet, "verify")
@@ -341,7 +344,7 @@ def compress(
         if not quiet:
             print_verify(doc["check"], err)
     emit_json(doc, json_out, output)
-    if check and not doc["check"]["passed"]:
+    if check and doc["check"]["passed"] is False:
         raise CheckFailed(f"relative weight error {doc['check']['max_rel_error']:.3g} exceeds "
                           f"--max-error {max_error}")
 
@@ -382,7 +385,7 @@ def verify(
     if not quiet:
         print_verify(doc, err)
     emit_json(doc, json_out, output)
-    if not doc["passed"]:
+    if doc["passed"] is False:
         raise CheckFailed(f"relative weight error {doc['max_rel_error']:.3g} exceeds --max-error {max_error}")
 
 
@@ -465,6 +468,30 @@ def heal(
                   f"mean {loss['val_initial_mean']:.4g} -> {loss['val_final_mean']:.4g}, worst "
                   f"{loss['val_initial_max']:.4g} -> {loss['val_final_max']:.4g}; wrote {out}/", highlight=False)
     emit_json({"schema": "tuckerctl.heal/1", **doc}, json_out, output)
+
+
+@app.command()
+def export(
+    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output transformers directory (written atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_out: bool = JSON,
+    output: Optional[Path] = OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Materialise the compressed attention back into the family's own projections: a directory that
+    loads with plain transformers (AutoModelForCausalLM / AutoModel). Same architecture, so no parameter or
+    KV-cache saving.
+
+    Example: [bold]tuckerctl export model-tucker/ -o model-tucker-hf/[/bold]
+    """
+    from .export import export as run
+
+    doc = run(compressed, out, overwrite=overwrite)
+    if not quiet:
+        err.print(f"wrote {out}/ (loads with transformers' from_pretrained); largest per-layer error added by the "
+                  f"per-group split: {doc['max_export_error']:.3g}", highlight=False)
+    emit_json(doc, json_out, output)
 
 
 @app.command()

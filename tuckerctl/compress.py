@@ -318,10 +318,22 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     if calib is not None:
         info["summary"]["max_activation_rel_error"] = max(r[k]["activation_rel_error"]
                                                            for r in records for k in ("pre", "post"))
-    if ckpt.format != "safetensors":
+    converted, config = None, None
+    if ckpt.format == "gguf":
+        from .gguf_reader import hf_layout
+
+        layout = hf_layout(ckpt)
+        if layout is None:
+            info["notes"].append("gguf source of this architecture: only the attention factors are written, "
+                                 "non-attention tensors are not copied (export needs them)")
+        else:
+            converted, config = layout
+            info["notes"].append("gguf source: non-attention tensors written dequantised (float32) under "
+                                 "transformers names, with a transformers config; the tokenizer stays in the GGUF")
+    elif ckpt.format != "safetensors":
         info["notes"].append(f"{ckpt.format} source: only the attention factors are written, "
                              "non-attention tensors are not copied")
-    write_checkpoint(out, ckpt, replaced, factors, info, overwrite=overwrite)
+    write_checkpoint(out, ckpt, replaced, factors, info, overwrite=overwrite, converted=converted, config=config)
     info["summary"]["seconds"] = round(time.perf_counter() - start, 3)
     return info
 

@@ -280,4 +280,41 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
                           metadata=meta, _sources=sources)
 
 
-__all__ = ["ARCHITECTURES", "GGUFCheckpoint", "open_gguf", "unpermute"]
+# GGUF names of the non-attention tensors -> HF names, for the archs whose HF layout is Llama's.
+_HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_HF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_layout(ckpt: GGUFCheckpoint) -> tuple[dict[str, str], dict] | None:
+    """({GGUF or presented name: HF name} for every tensor, a transformers config) for
+    archs with Llama's layout, so a compressed checkpoint of a GGUF source holds a whole
+    transformers model; None for other archs."""
+    arch = ckpt.metadata.get("general.architecture")
+    if arch not in _HF_CLASSES:
+        return None
+    names = {}
+    for name in ckpt.names():
+        m = _BLOCK.match(name)
+        if name.startswith("model.layers."):
+            names[name] = name  # attention tensors are presented with HF names already
+        elif name in _HF_GLOBAL:
+            names[name] = _HF_GLOBAL[name]
+        elif m and m.group(2) in _HF_BLOCK:
+            names[name] = f"model.layers.{m.group(1)}.{_HF_BLOCK[m.group(2)]}.{m.group(3)}"
+        else:
+            return None  # a tensor we cannot place: do not pretend to a complete model
+    cfg = dict(ckpt.config)
+    cfg["architectures"] = [_HF_CLASSES[arch]]
+    cfg["tie_word_embeddings"] = "output.weight" not in ckpt
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        value = ckpt.metadata.get(f"tokenizer.ggml.{key}")
+        if isinstance(value, int):
+            cfg[key.replace("padding", "pad")] = value
+    cfg.setdefault("attention_bias", any(n.endswith("self_attn.q_proj.bias") for n in ckpt.names()))
+    return names, cfg
+
+
+__all__ = ["ARCHITECTURES", "hf_layout", "GGUFCheckpoint", "open_gguf", "unpermute"]

@@ -112,6 +112,12 @@ def print_compress(doc: dict, out, console: Console) -> None:
                   f"attention parameters ({100 * s['ratio']:.1f}%), max relative weight error "
                   f"{s['max_rel_error']:.3g}{weighted}, KV cache per token {s['kv_cache_per_token']['original']} → "
                   f"{s['kv_cache_per_token'][kv]}", highlight=False)
+    if "bytes_tucker_all_layers" in s["kv_cache_per_token"]:
+        k = s["kv_cache_per_token"]
+        console.print(f"  KV cache over all layers: {k['bytes_original_all_layers']:,} → "
+                      f"{k['bytes_tucker_all_layers']:,} bytes per token", highlight=False)
+    for warning in doc.get("warnings", []):
+        console.print(f"  [bold red]warning:[/bold red] {lit(warning)}", highlight=False)
     for note in doc.get("notes", []):
         console.print(f"  [yellow]note:[/yellow] {lit(note)}", highlight=False)
 
@@ -122,16 +128,24 @@ def print_verify(doc: dict, console: Console) -> None:
                         f"({doc['settings']['tokens']} random tokens"
                         + (f", max error {limit:g}" if limit is not None else "") + ")",
                   title_justify="left")
-    for col in ("layer", "pre ranks", "pre error", "post ranks", "post error", "logits error", "output error", ""):
+    cols = ("layer", "pre ranks", "pre error", "post ranks", "post error", "logits error", "output error")
+    for col in cols + (("",) if limit is not None else ()):
         table.add_column(col, justify="right")
     for r in doc["layers"]:
-        table.add_row(str(r["index"]), "×".join(map(str, r["pre"]["ranks"])), f"{r['pre']['rel_error']:.3g}",
-                      "×".join(map(str, r["post"]["ranks"])), f"{r['post']['rel_error']:.3g}",
-                      f"{r['logits_rel_error']:.3g}", f"{r['output_rel_error']:.3g}",
-                      "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
+        row = [str(r["index"]), "×".join(map(str, r["pre"]["ranks"])), f"{r['pre']['rel_error']:.3g}",
+               "×".join(map(str, r["post"]["ranks"])), f"{r['post']['rel_error']:.3g}",
+               f"{r['logits_rel_error']:.3g}", f"{r['output_rel_error']:.3g}"]
+        if limit is not None:  # without a bound nothing was checked: no ok/FAIL column
+            row.append("[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
+        table.add_row(*row)
     console.print(table)
+    if limit is None:
+        console.print(f"max relative weight error {doc['max_rel_error']:.3g} ({doc['seconds']:.1f} s); "
+                      f"give --max-error to check it", highlight=False)
+        return
     verdict = "[green]passed[/green]" if doc["passed"] else "[red]failed[/red]"
-    console.print(f"{verdict}: max relative weight error {doc['max_rel_error']:.3g} "
+    console.print(f"{verdict}: max relative weight error {doc['max_rel_error']:.3g} ≤ {limit:g} "
+                  if doc["passed"] else f"{verdict}: max relative weight error {doc['max_rel_error']:.3g} > {limit:g} ",
                   f"({doc['seconds']:.1f} s)", highlight=False)
 
 

@@ -2,7 +2,11 @@
 
 Layout of an output directory::
 
-    config.json                     copied from the source
+    config.json                     {"model_type": "tuckerctl", "source_config": <the source's config>, ...}:
+                                    transformers refuses it (unknown model type) instead of loading the
+                                    original architecture with random attention; `tuckerctl export` or
+                                    `tuckerctl.patch` run it
+    tokenizer*, generation_config.json, chat template, ...   copied from the source directory
     model.safetensors               or model-0000k-of-0000n.safetensors + model.safetensors.index.json (> 5 GB)
 
 Tensors (in the source's dtype unless ``--dtype`` says otherwise), for every compressed
@@ -44,7 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +89,21 @@ def content_hash(ckpt: Checkpoint, names: list[str]) -> str:
 
 # ------------------------------------------------------------------ writing
 
+# Files beside the weights that users expect to travel with a model.
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+             "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+             "generation_config.json", "preprocessor_config.json")
+CONFIG_MODEL_TYPE = "tuckerctl"
+
+
+def wrapped_config(config: dict) -> dict:
+    """The compressed directory's config.json: NOT loadable as the source architecture
+    (its attention tensors are gone), with the source's config kept for export/patch."""
+    return {"model_type": CONFIG_MODEL_TYPE, "architectures": ["TuckerctlCompressed"],
+            "note": "a tuckerctl compressed checkpoint: run it with tuckerctl.patch(model, dir) on the original "
+                    "model, or convert it with `tuckerctl export DIR -o HF_DIR` for plain transformers",
+            "source_config": config}
+
 @dataclass
 class _Entry:
     """One tensor to write: either bytes copied from the source or a torch tensor."""
@@ -93,10 +114,12 @@ class _Entry:
     nbytes: int
     source: Checkpoint | None = None
     tensor: torch.Tensor | None = None
+    loader: object = None  # () -> torch.Tensor, read when written (dequantised GGUF tensors)
 
     def data(self) -> bytes:
-        if self.tensor is not None:
-            return self.tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        t = self.tensor if self.tensor is not None else (self.loader() if self.loader is not None else None)
+        if t is not None:
+            return t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
         return self.source.raw_bytes(self.name)
 
 
@@ -130,17 +153,25 @@ def _shards(entries: list[_Entry], limit: int) -> list[list[_Entry]]:
 
 
 def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], factors: dict[str, torch.Tensor],
-                     info: dict, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> list[Path]:
+                     info: dict, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+                     converted: dict[str, str] | None = None, config: dict | None = None) -> list[Path]:
     """Write a compressed checkpoint directory atomically.
 
     Everything is written into a temp directory beside ``out_dir`` and renamed into
     place at the end, so an interrupted run leaves no partial output. ``replaced``
-    are the source tensors not copied (the attention projections)."""
+    are the source tensors not copied (the attention projections). ``converted``
+    (non-safetensors sources): {source name: output name} of tensors written as float32,
+    read one at a time. ``config``: the source config to record (default the source's)."""
     out_dir = Path(out_dir)
     files = sorted({t.file for t in source.tensors.values()})
     target = claim(out_dir, "checkpoint", inputs=[source.path, source.config_path, *files], overwrite=overwrite)
     entries = [_Entry(n, source.dtype(n), source.shape(n), source.tensors[n].nbytes, source=source)
                for n in source.names() if n not in replaced] if source.format == "safetensors" else []
+    for name, new in (converted or {}).items():
+        if name not in replaced:
+            shape = tuple(source.shape(name))
+            entries.append(_Entry(new, "F32", shape, 4 * math.prod(shape),
+                                  loader=lambda n=name: source.get(n, torch.float32)))
     for name, t in factors.items():
         entries.append(_Entry(name, _TORCH_DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
                               tensor=t))
@@ -159,8 +190,14 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries), "tuckerctl": info},
                      "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(dumps_strict(index, indent=1))
-        if source.config is not None:
-            (tmp / "config.json").write_text(dumps_strict(source.config, "config", indent=2))
+        config = config if config is not None else source.config
+        if config is not None:
+            (tmp / "config.json").write_text(dumps_strict(wrapped_config(config), "config", indent=2))
+        src_dir = source.path if source.path.is_dir() else source.path.parent
+        if source.format == "safetensors":  # a GGUF's directory is not the model's
+            for fname in AUX_FILES:
+                if (src_dir / fname).is_file():
+                    shutil.copyfile(src_dir / fname, tmp / fname)
     return sorted(out_dir.iterdir())
 
 
@@ -229,6 +266,14 @@ class TuckerCheckpoint(Sequence):
             raise InputError(f"{self.path}: unsupported schema {self.info.get('schema')!r} (expected {SCHEMA})")
         self.spec: dict = self.info["model"]
         self._layers = {rec["index"]: rec for rec in self.info["layers"]}
+
+    @property
+    def source_config(self) -> dict | None:
+        """The source model's config.json (kept under ``source_config``)."""
+        cfg = self.ckpt.config or None
+        if cfg and cfg.get("model_type") == CONFIG_MODEL_TYPE:
+            return cfg.get("source_config")
+        return cfg
 
     @property
     def layers(self) -> list[int]:

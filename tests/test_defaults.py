@@ -1,0 +1,46 @@
+"""Defaults that do not surprise (issue 8 section 5): source dtype, size warning, no
+'passed' without a bound, tokenizer/generation files carried along."""
+
+import json
+
+import torch
+from safetensors import safe_open
+from test_compress import make_llama, run
+
+from tuckerctl.compress import compress
+
+
+def test_factors_keep_the_source_dtype_unless_told(tmp_path):
+    src = make_llama(tmp_path / "src")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for dtype, want in ((None, torch.bfloat16), ("float32", torch.float32)):
+        out = tmp_path / f"out-{dtype}"
+        info = compress(tmp_path / "bf16", out, ranks="2,12,8", device="cpu", dtype=dtype)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("tucker.layers.0.post.core").dtype == want
+            assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # copied as is
+        assert info["settings"]["dtype"] == str(want).removeprefix("torch.")
+
+
+def test_bigger_than_the_original_warns_on_stderr_and_in_json(tmp_path):
+    src = make_llama(tmp_path / "src")
+    res = run("compress", src, "-o", tmp_path / "big", "--ranks", "100,100,100", "--json", "--no-check")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["summary"]["ratio"] > 1
+    assert doc["warnings"] and "MORE parameters" in doc["warnings"][0] and "MORE parameters" in res.stderr
+    res = run("compress", src, "-o", tmp_path / "small", "--params", "0.5", "--json", "--no-check")
+    assert json.loads(res.stdout)["warnings"] == [] and "warning" not in res.stderr
+
+
+def test_no_bound_no_verdict(tmp_path):
+    src = make_llama(tmp_path / "src")
+    res = run("compress", src, "-o", tmp_path / "out", "--params", "0.5", "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["check"]["passed"] is None
+    assert all(row["ok"] is None for row in doc["check"]["layers"])
+    for text in (res.stderr, run("verify", tmp_path / "out", "--against", src).stderr):
+        assert "passed" not in text and " ok" not in text and "max relative weight error" in text
+    res = run("verify", tmp_path / "out", "--against", src, "--max-error", "0.99")
+    assert res.returncode == 0 and "passed" in res.stderr
