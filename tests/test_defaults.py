@@ -44,3 +44,16 @@ def test_no_bound_no_verdict(tmp_path):
         assert "passed" not in text and " ok" not in text and "max relative weight error" in text
     res = run("verify", tmp_path / "out", "--against", src, "--max-error", "0.99")
     assert res.returncode == 0 and "passed" in res.stderr
+
+
+def test_analyze_and_plain_compress_never_import_transformers(tmp_path):
+    src = make_llama(tmp_path / "src")
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['huggingface_hub'] = None\n"
+            "from tuckerctl.analysis import analyze; from tuckerctl.compress import compress\n"
+            "analyze(sys.argv[1]); compress(sys.argv[1], sys.argv[2], params=0.5, device='cpu')")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -241,9 +241,16 @@ class TuckerAttention(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, layer: int, device=None, latent_rope: bool = False,
                         causal: bool | None = None, dtype: torch.dtype | None = None) -> TuckerAttention:
-        """Load one layer of a Tucker-format checkpoint written by ``tuckerctl compress``."""
-        from .tucker_format import read_layer  # lazy: the module itself needs only torch
+        """Load one layer of a Tucker-format checkpoint written by ``tuckerctl compress``.
 
+        A layer in the ``qk_input`` structure (the default for RoPE models) gives a
+        :class:`QKInputAttention`, which runs the model's own RoPE and qk-norm exactly."""
+        from .tucker_format import QK_INPUT, load, read_layer  # lazy: the module itself needs only torch
+
+        ck = load(path)
+        if ck.layer(layer).structure == QK_INPUT:
+            module = QKInputAttention.from_layer(ck, layer, causal=causal, dtype=dtype)
+            return module.to(device) if device is not None else module
         spec, pre_core, pre_factors, post_core, post_factors, out_bias = read_layer(path, layer)
         module = cls.from_tucker((pre_core, pre_factors), (post_core, post_factors), spec,
                                  out_bias=out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
@@ -396,5 +403,149 @@ class TuckerAttention(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["LATENT_ROPE_WARNING", "NO_ROPE_WARNING", "LatentKVCache", "TuckerAttention",
+def _rms(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int) -> Tensor:
+    """The models' own RoPE on the last dimension of ``x`` (..., N, d_h): the first
+    ``rotary_dim`` coordinates rotated in rotate_half pairs (i, i + rotary_dim/2) by
+    ``positions`` (N,) with frequencies ``theta ** (-2i / rotary_dim)``."""
+    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=x.device) / rotary_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    head, tail = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat([head * cos + _rotate_half(head) * sin, tail], dim=-1)
+
+
+class QKInputAttention(nn.Module):
+    """An attention layer in the ``qk_input`` structure, exact with the model's own RoPE.
+
+    ``q_h = [x,1] U2 Q_h`` and ``k_g = [x,1] U3 K_g`` keep each head's d_h coordinates, so
+    the model's qk-norm (``qk_norm`` = ``"per_head"`` | ``"full_width"`` (one RMS over all
+    heads, OLMo2), gains ``query_gain`` (H, d_h), ``key_gain`` (G, d_h)) and RoPE
+    (``rope_theta``, the first ``rotary_dim`` coordinates, rotate_half pairing) apply
+    unchanged; the value-output side is the usual Tucker ``Y = sum_h A_h V Mt_h^T Ut2^T``.
+    The decoding cache (:class:`LatentKVCache`) holds the *latent* key ``[x,1] U3`` (r3
+    numbers) and value (s3) per token; keys are up-projected and rotated at use. Positions
+    are ``0 .. T-1`` over the cache. Default RoPE only (no scaling variants) and no sliding
+    windows: run such models with ``tuckerctl.patch``."""
+
+    def __init__(self, U2: Tensor, U3: Tensor, query_heads: Tensor, key_groups: Tensor, post_core: Tensor,
+                 post_factors, scale: float, out_bias: Tensor | None = None, rope_theta: float | None = None,
+                 rotary_dim: int | None = None, qk_norm: str | None = None, query_gain: Tensor | None = None,
+                 key_gain: Tensor | None = None, eps: float = 1e-6, softcap: float | None = None,
+                 causal: bool = True):
+        super().__init__()
+        V1, V2, V3 = post_factors
+        H, r2, dh = query_heads.shape
+        if key_groups.shape[2] != dh or H % key_groups.shape[0] or U2.shape[1] != r2 \
+                or U3.shape[1] != key_groups.shape[1] or V1.shape[0] != H:
+            raise ValueError("QKInputAttention: factor shapes do not match")
+        if qk_norm not in (None, "per_head", "full_width"):
+            raise ValueError(f"QKInputAttention: unknown qk_norm {qk_norm!r}")
+        par = lambda t: None if t is None else nn.Parameter(t.detach().clone())  # noqa: E731
+        self.U2, self.U3, self.Q, self.K = par(U2), par(U3), par(query_heads), par(key_groups)
+        self.post_core = par(post_core)
+        self.V1, self.V2, self.V3 = (par(u) for u in post_factors)
+        self.out_bias = par(out_bias)
+        self.query_gain, self.key_gain = par(query_gain), par(key_gain)
+        self.scale, self.eps, self.softcap, self.causal = float(scale), float(eps), softcap, bool(causal)
+        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        self.rotary_dim = int(rotary_dim or dh)
+        self.qk_norm = qk_norm
+
+    @classmethod
+    def from_layer(cls, ck, i: int, causal: bool | None = None, dtype=None) -> QKInputAttention:
+        """Build from layer ``i`` of an opened compressed checkpoint (``tuckerctl.load``)."""
+        spec, flags = ck.spec, ck.info.get("flags", {})
+        family = spec.get("family", "")
+        if spec.get("rope_theta_by_layer_type") or spec.get("rope_type") or family.startswith(("gemma2", "gemma3")):
+            raise NotImplementedError(f"QKInputAttention: {family} uses per-layer RoPE/sliding windows; "
+                                      f"run it with tuckerctl.patch")
+        t = ck.layer(i)
+        conv = (lambda x: x) if dtype is None else (lambda x: None if x is None else x.to(dtype))  # noqa: E731
+        theta = spec.get("rope_theta") or 10000.0
+        prf = spec.get("partial_rotary_factor") or 1.0
+        kind = spec.get("qk_norm_type", "") if spec.get("qk_norm") else ""
+        if causal is None:
+            causal = spec.get("causal")
+            causal = family not in _BIDIRECTIONAL if causal is None else causal
+        return cls(conv(t.pre_factors[1]), conv(t.pre_factors[2]), conv(t.query_heads), conv(t.key_groups),
+                   conv(t.post_core), [conv(u) for u in t.post_factors], spec["scale"], conv(t.out_bias),
+                   rope_theta=theta if spec.get("rope") else None,
+                   rotary_dim=int(spec["head_dim"] * prf) // 2 * 2,
+                   qk_norm=("full_width" if kind.startswith("full_width") else "per_head") if kind else None,
+                   query_gain=conv(t.query_gain), key_gain=conv(t.key_gain),
+                   eps=flags.get("qk_norm_eps", 1e-6), softcap=spec.get("softcap"), causal=causal)
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Numbers cached per token: the latent key (r3) and value (s3)."""
+        return self.U3.shape[1] + self.post_core.shape[2]
+
+    def _norm(self, x: Tensor, gain: Tensor | None) -> Tensor:
+        """qk-norm of (B, heads, N, d_h) as the model applies it (gain included)."""
+        if self.qk_norm is None:
+            return x
+        if self.qk_norm == "per_head":
+            x = _rms(x, self.eps)
+        else:  # one RMS over all heads of a token
+            B, n, N, dh = x.shape
+            x = _rms(x.transpose(1, 2).reshape(B, N, n * dh), self.eps).reshape(B, N, n, dh).transpose(1, 2)
+        return x if gain is None else x * gain[None, :, None, :]
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, cache: LatentKVCache | None = None,
+                use_cache: bool = False):
+        """Attention output for ``x`` (B, N, d); ``attention_mask`` (B, N) bool masks keys;
+        ``cache``/``use_cache`` as :meth:`TuckerAttention.forward`."""
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+        x = x.to(self.V2.dtype)
+        B, N, _ = x.shape
+        past = 0 if cache is None else cache.length
+        P = _homogeneous_apply(x, self.U2)
+        Kl = _homogeneous_apply(x, self.U3)  # latent keys: what the cache holds
+        V = _homogeneous_apply(x, self.V3)
+        key_mask = None if attention_mask is None else attention_mask.to(device=x.device, dtype=torch.bool)
+        if cache is not None:
+            Kl, V = torch.cat([cache.k.to(Kl.dtype), Kl], 1), torch.cat([cache.v.to(V.dtype), V], 1)
+            if key_mask is not None or cache.key_mask is not None:
+                old = cache.key_mask if cache.key_mask is not None else torch.ones(B, past, dtype=torch.bool,
+                                                                                    device=x.device)
+                new = key_mask if key_mask is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
+                key_mask = torch.cat([old, new], 1)
+        T = Kl.shape[1]
+        q = self._norm(torch.einsum("bna,had->bhnd", P, self.Q), self.query_gain)
+        k = self._norm(torch.einsum("bta,gad->bgtd", Kl, self.K), self.key_gain)
+        if self.rope_theta is not None:
+            q = rope(q, torch.arange(past, past + N, device=x.device), self.rope_theta, self.rotary_dim)
+            k = rope(k, torch.arange(T, device=x.device), self.rope_theta, self.rotary_dim)
+        H, G = q.shape[1], k.shape[1]
+        k = k.repeat_interleave(H // G, dim=1)
+        logits = self.scale * q @ k.transpose(-1, -2)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        allowed = torch.ones(B, 1, N, T, dtype=torch.bool, device=x.device)
+        if self.causal:
+            allowed = allowed & (torch.arange(T, device=x.device)[None, :]
+                                 <= torch.arange(past, past + N, device=x.device)[:, None])
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :]
+        probs = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(-1)
+        out = probs @ V[:, None]  # (B, H, N, s3)
+        Mt = torch.einsum("hj,jab->hab", self.V1, self.post_core)
+        y = torch.einsum("bhnc,hac,da->bnd", out, Mt, self.V2)
+        if self.out_bias is not None:
+            y = y + self.out_bias
+        if unbatched:
+            y = y.squeeze(0)
+        if cache is None and not use_cache:
+            return y
+        return y, LatentKVCache(Kl, V, key_mask)
+
+
+__all__ = ["LATENT_ROPE_WARNING", "NO_ROPE_WARNING", "LatentKVCache", "QKInputAttention", "TuckerAttention",
            "latent_rope"]
