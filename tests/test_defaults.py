@@ -4,8 +4,9 @@
 import json
 
 import torch
+from oracle import run_cli as run
 from safetensors import safe_open
-from test_compress import make_llama, run
+from test_compress import make_llama
 
 from tuckerctl.compress import compress
 
@@ -28,7 +29,7 @@ def test_bigger_than_the_original_warns_on_stderr_and_in_json(tmp_path):
     src = make_llama(tmp_path / "src")
     res = run("compress", src, "-o", tmp_path / "big", "--ranks", "100,100,100", "--json", "--no-check")
     doc = json.loads(res.stdout)
-    assert res.returncode == 0 and doc["summary"]["ratio"] > 1
+    assert res.code == 0 and doc["summary"]["ratio"] > 1
     assert doc["warnings"] and "MORE parameters" in doc["warnings"][0] and "MORE parameters" in res.stderr
     res = run("compress", src, "-o", tmp_path / "small", "--params", "0.5", "--json", "--no-check")
     assert json.loads(res.stdout)["warnings"] == [] and "warning" not in res.stderr
@@ -38,12 +39,12 @@ def test_no_bound_no_verdict(tmp_path):
     src = make_llama(tmp_path / "src")
     res = run("compress", src, "-o", tmp_path / "out", "--params", "0.5", "--json")
     doc = json.loads(res.stdout)
-    assert res.returncode == 0 and doc["check"]["passed"] is None
+    assert res.code == 0 and doc["check"]["passed"] is None
     assert all(row["ok"] is None for row in doc["check"]["layers"])
     for text in (res.stderr, run("verify", tmp_path / "out", "--against", src).stderr):
         assert "passed" not in text and " ok" not in text and "max relative weight error" in text
     res = run("verify", tmp_path / "out", "--against", src, "--max-error", "0.99")
-    assert res.returncode == 0 and "passed" in res.stderr
+    assert res.code == 0 and "passed" in res.stderr
 
 
 def test_analyze_and_plain_compress_never_import_transformers(tmp_path):
@@ -57,3 +58,10 @@ def test_analyze_and_plain_compress_never_import_transformers(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_export_bad_input_is_one_line_exit_2(tmp_path):
+    from oracle import assert_user_error
+
+    src = make_llama(tmp_path / "src")
+    assert_user_error(run("export", src, "-o", tmp_path / "hf"), "not a tuckerctl checkpoint")

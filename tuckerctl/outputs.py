@@ -150,8 +150,12 @@ def safetensors_metadata(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+# (a compressed checkpoint also carries the source's tokenizer/generation files: tucker_format.AUX_FILES)
 _CHECKPOINT_FILES = re.compile(r"config\.json|model\.safetensors|model\.safetensors\.index\.json|"
-                               r"model-\d{5}-of-\d{5}\.safetensors")
+                               r"model-\d{5}-of-\d{5}\.safetensors|tokenizer\.json|tokenizer_config\.json|"
+                               r"special_tokens_map\.json|vocab\.txt|vocab\.json|merges\.txt|tokenizer\.model|"
+                               r"added_tokens\.json|chat_template\.jinja|chat_template\.json|"
+                               r"generation_config\.json|preprocessor_config\.json")
 _REPORT_FILES = re.compile(r"fig\d[\w-]*\.(png|svg|pdf)|index\.html|summary\.md|ranks\.csv")
 
 
