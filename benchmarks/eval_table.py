@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hooi-iters", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", default=None, help="comma-separated config indices (debugging)")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
             method, budget, calibrated = CONFIGS[k]
             t1 = time.perf_counter()
             out = Path(tmp) / f"c{k}"
-            info = compress(src, out, method=method, hooi_iters=2, device=args.device,
+            info = compress(src, out, method=method, hooi_iters=args.hooi_iters, device=args.device,
                             moments=moments if calibrated else None, **budget)
             size = sum(f.stat().st_size for f in out.iterdir())
             small = copy.deepcopy(model)
@@ -95,7 +96,7 @@ def main() -> None:
                    **res, "seconds": round(time.perf_counter() - t1, 1)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    doc = {"model": str(src.name), "calib_tokens": int(calib_ids.numel()), "eval_tokens": int(eval_ids.numel()),
+    doc = {"model": str(src.name), "hooi_iters": args.hooi_iters, "calib_tokens": int(calib_ids.numel()), "eval_tokens": int(eval_ids.numel()),
            "seq_len": args.seq_len, "device": args.device, "rows": rows,
            "original_perplexity": rows[0]["perplexity"]["original"] if rows else None}
     if args.out:

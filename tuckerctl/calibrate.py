@@ -15,7 +15,7 @@ Text handling (reading a file, tokenizing, cutting windows) is shared with ``eva
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,16 @@ class LayerMoments:
     mean: Tensor  # (d,) E[x]
     attn_out: Tensor  # (H d_v, H d_v) E[z^T z]
     tokens: int
+    _whiteners: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def whitener(self, size: int):
+        """The :class:`~tuckerctl.whiten.Whitener` of the input moment of ``size`` (cached:
+        the query, key and value sides of a layer share it)."""
+        if size not in self._whiteners:
+            from .whiten import whitener
+
+            self._whiteners[size] = whitener(self.input_moment(size))
+        return self._whiteners[size]
 
     def homogeneous(self) -> Tensor:
         """E[[x, 1]^T [x, 1]]: the moment of biased layers' homogeneous inputs."""

@@ -36,7 +36,7 @@ from .tucker_format import (
     factor_name,
     write_checkpoint,
 )
-from .whiten import weighted_tucker, whiten_stack, whitener
+from .whiten import weighted_tucker, whiten_stack
 
 METHODS = ("tucker", "svd")
 TENSORS = ("pre", "post", "both")
@@ -97,8 +97,8 @@ def _metric(stack, key: str, moments, index: int):
         return None, None
     m = moments[index]
     _, rows, cols = stack.shape
-    right = whitener(m.input_moment(cols))
-    left = whitener(m.input_moment(rows)) if key == "pre" else None
+    right = m.whitener(cols)
+    left = m.whitener(rows) if key == "pre" else None
     return left, right
 
 

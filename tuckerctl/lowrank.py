@@ -223,7 +223,7 @@ def _whiteners(calib, index: int, mats: dict[str, Tensor]):
     from .whiten import whitener
 
     m = calib[index]
-    out = {role: whitener(m.input_moment(mats[role].shape[0])) for role in ("q", "k", "v")}
+    out = {role: m.whitener(mats[role].shape[0]) for role in ("q", "k", "v")}
     out["o"] = whitener(m.attn_out)
     return out
 
