@@ -166,6 +166,7 @@ def test_calibrated_beats_uncalibrated_at_equal_parameters(lm, tmp_path):
         assert ec["top1_agreement"] >= ep["top1_agreement"] - 0.02, method
 
 
+@pytest.mark.slow
 def test_eval_bad_inputs_are_one_line_exit_2(lm, tmp_path):
     from oracle import assert_user_error as one_line_exit_2
     from oracle import run_cli  # in-process: three torch imports saved
