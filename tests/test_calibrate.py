@@ -150,12 +150,14 @@ def test_plain_compress_never_imports_transformers(tmp_path):
     w = {f"model.layers.0.self_attn.{n}_proj.weight": torch.randn(H * dh if n != "o" else d,
                                                                   d if n != "o" else H * dh, generator=gen)
          for n in "qkvo"}
-    save_file(w, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 16, "num_attention_heads": 4, '
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(w, src / "model.safetensors")
+    (src / "config.json").write_text('{"model_type": "llama", "hidden_size": 16, "num_attention_heads": 4, '
                                           '"num_key_value_heads": 4, "num_hidden_layers": 1}')
     code = ("import sys; from tuckerctl.compress import compress; "
-            f"compress({str(tmp_path)!r}, {str(tmp_path / 'a')!r}, params=0.5, device='cpu'); "
-            f"compress({str(tmp_path)!r}, {str(tmp_path / 'b')!r}, params=0.5, method='svd', device='cpu'); "
+            f"compress({str(src)!r}, {str(tmp_path / 'a')!r}, params=0.5, device='cpu'); "
+            f"compress({str(src)!r}, {str(tmp_path / 'b')!r}, params=0.5, method='svd', device='cpu'); "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
