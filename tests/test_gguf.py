@@ -351,5 +351,6 @@ def test_missing_metadata(tmp_path):
 
 def test_without_gguf_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    (tmp_path / "any.gguf").write_bytes(b"GGUF")  # exists: sources.resolve checks that first
     with pytest.raises(InputError, match=r"needs the 'gguf' package \(pip install gguf\)"):
         open_checkpoint(tmp_path / "any.gguf")
