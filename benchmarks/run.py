@@ -65,6 +65,8 @@ MODELS = {
                       real_layers=32, rope_theta=500000.0),
     "llama3-70b": dict(label="Llama-3-70B", kind="llama", model_type="llama", d=8192, H=64, G=8, dh=128,
                        real_layers=80, rope_theta=500000.0),
+    "llama31-405b": dict(label="Llama-3.1-405B", kind="llama", model_type="llama", d=16384, H=128, G=8, dh=128,
+                         real_layers=126, rope_theta=500000.0),
     "qwen25-7b": dict(label="Qwen2.5-7B", kind="llama", model_type="qwen2", d=3584, H=28, G=4, dh=128,
                       bias=True, real_layers=28, rope_theta=1000000.0),
     "deepseek-v3": dict(label="DeepSeek-V3", kind="mla", model_type="deepseek_v3", d=7168, H=128,
@@ -75,7 +77,8 @@ MODELS = {
 # --smoke: the same benchmarks on tiny shapes, to check the script itself (numbers meaningless).
 SMOKE_SHAPES = {
     "gqa-d2048": dict(d=128, H=8, G=2, dh=16), "llama3-8b": dict(d=256, H=8, G=2, dh=32),
-    "llama3-70b": dict(d=256, H=8, G=2, dh=32), "qwen25-7b": dict(d=224, H=7, G=1, dh=32),
+    "llama3-70b": dict(d=256, H=8, G=2, dh=32), "llama31-405b": dict(d=320, H=10, G=2, dh=32),
+    "qwen25-7b": dict(d=224, H=7, G=1, dh=32),
     "deepseek-v3": dict(d=256, H=8, q_lora=64, kv_lora=32, rope=16, nope=32, dv=32),
 }
 
@@ -208,6 +211,48 @@ def ensure_model(workdir: Path, key: str, layers: int, log, device: str = "cpu")
     (model / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return model
+
+
+def ensure_aliased_model(workdir: Path, key: str, layers: int, distinct: int, log, device: str = "cpu") -> Path:
+    """A ``layers``-layer checkpoint that stores only ``distinct`` layers' bytes: file j holds
+    layer j's tensors once, and its safetensors header names them for every layer i with
+    i % distinct == j (several names share one byte range; tuckerctl's reader allows that,
+    the safetensors library does not). The 405B shape thus takes 4.6 GB of disk instead of
+    143 GB. Later layers re-read bytes the first ``distinct`` ones brought into the page cache."""
+    root = workdir / key / f"L{layers}-alias{distinct}"
+    params = json.dumps({**MODELS[key], "seed": SEED, "generator": device, "v": 1, "layers": layers,
+                         "distinct": distinct}, sort_keys=True)
+    stamp = root / "params.json"
+    if stamp.exists() and stamp.read_text() == params:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    weight_map = {}
+    for j in range(min(distinct, layers)):
+        t0 = time.perf_counter()
+        tensors = layer_tensors(key, j, device)
+        header, blobs, offset = {}, [], 0
+        for name, t in tensors.items():
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+            blobs.append(raw)
+            for i in range(j, layers, distinct):
+                header[name.replace(f"model.layers.{j}.", f"model.layers.{i}.", 1)] = {
+                    "dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+            offset += len(raw)
+        text = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+        text += b" " * (-len(text) % 8)
+        f = root / f"alias-{j:03d}.safetensors"
+        with open(f.with_suffix(".tmp"), "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            for raw in blobs:
+                out.write(raw)
+        os.replace(f.with_suffix(".tmp"), f)
+        weight_map.update({n: f.name for n in header})
+        log(f"  generated {key} layer block {j} ({f.stat().st_size / MB:.0f} MB, {time.perf_counter() - t0:.1f}s)")
+    (root / "config.json").write_text(json.dumps(config_for(key, layers), indent=2))
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    stamp.write_text(params)
+    return root
 
 
 def _header_names(f: Path) -> list[str]:
@@ -359,10 +404,13 @@ def task_compress(t: dict, dev: torch.device) -> dict:
     sync(dev)
     t1 = time.perf_counter()
     mem_compress = _mem(dev)
-    check = verify(out, t["path"], device=str(dev))
+    if t.get("verify", True):
+        check = verify(out, t["path"], device=str(dev))
+        gap = max(abs(r[k]["rel_error"] - r[k]["reported_error"]) for r in check["layers"] for k in ("pre", "post"))
+    else:
+        check, gap = {"max_rel_error": info["summary"]["max_rel_error"]}, None
     sync(dev)
     t2 = time.perf_counter()
-    gap = max(abs(r[k]["rel_error"] - r[k]["reported_error"]) for r in check["layers"] for k in ("pre", "post"))
     size = sum(f.stat().st_size for f in out.glob("*") if f.is_file())
     shutil.rmtree(out, ignore_errors=True)
     return {"compress_s": t1 - t0, "verify_s": t2 - t1, "seconds": t2 - t0, "cpu_s": time.process_time() - cpu,
@@ -371,6 +419,73 @@ def task_compress(t: dict, dev: torch.device) -> dict:
             "max_rel_error": check["max_rel_error"], "max_error_gap": gap, "out_bytes": size,
             "mem_after_compress": mem_compress,
             "hosvd_vs_hooi": [[r["pre"]["rel_error_hosvd"], r["pre"]["rel_error"]] for r in info["layers"][:4]]}
+
+
+def cli_command(args: list[str], nproc: int) -> list[str]:
+    """``python -m tuckerctl ARGS``, or the same under torchrun with ``nproc`` processes."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "tuckerctl", *args]
+    return [sys.executable, "-m", "tuckerctl", *args]
+
+
+class GpuMemoryPoll:
+    """Peak of nvidia-smi's memory.used per GPU while a command runs (the whole process:
+    CUDA context and the allocator's cache included, so above max_memory_allocated)."""
+
+    def __init__(self):
+        self.peak: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout.split()
+                used = [int(x) * MB for x in out]
+                self.peak = [max(a, b) for a, b in zip(used, self.peak)] if self.peak else used
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self.stop.wait(0.5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=15)
+
+
+def run_cli(args: list[str], nproc: int, device: str, timeout: float, evict_path: str | None,
+            env: dict | None = None) -> dict:
+    """Wall time of one CLI command as a user runs it (interpreter start-up, CUDA
+    initialisation and writing the JSON included), the children's peak RSS and, on CUDA,
+    nvidia-smi's peak memory per GPU."""
+    evicted = evict(evict_path) if evict_path else 0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    meter = Meter()
+    with GpuMemoryPoll() if device == "cuda" else _nothing() as poll:
+        t0 = time.perf_counter()
+        res = subprocess.run(cli_command(args, nproc), capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, **(env or {}),
+                                  "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} exited {res.returncode}: {res.stderr.strip()[-600:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"wall_s": wall, "meter": meter.stop(), "evicted_bytes": evicted, "nproc": nproc,
+            "children_peak_rss": rss if rss > before * 1024 else None,
+            "gpu_peak_used": getattr(poll, "peak", None)}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def task_compare(t: dict, dev: torch.device) -> dict:
@@ -790,6 +905,108 @@ class Suite:
         return [self.analyze_row("qwen25-7b", n, res, name="analyze end to end (q/k/v bias)")], res
 
 
+# Whole-model CLI runs: (model key, layers, {nproc: target seconds}).
+WHOLE = {"whole-8b": ("llama3-8b", 32, {1: 6}), "whole-v3": ("deepseek-v3", 61, {1: 40}),
+         "whole-70b": ("llama3-70b", 80, {1: 60, 2: 35}), "whole-405b": ("llama31-405b", 126, {2: 300})}
+
+
+def _bench_whole(self, name):
+    """``tuckerctl analyze MODEL --output FILE`` on a whole model, CLI wall time."""
+    key, layers, targets = WHOLE[name]
+    nproc = self.args.nproc
+    if self.args.smoke:  # a check of the script: a few layers, two of them distinct
+        layers, self.args.distinct_layers = 5, 2
+    path = ensure_aliased_model(self.workdir, key, layers, self.args.distinct_layers, self.log, self.dev)
+    doc_path = self.workdir / f"{name}-n{nproc}.json"
+    self.log(f"  running tuckerctl analyze on {path.name} ({nproc} process{'es' if nproc > 1 else ''}) ...")
+    res = run_cli(["analyze", str(path), "--device", self.dev, "--quiet", "--output", str(doc_path)], nproc,
+                  self.dev, self.args.timeout, None if self.args.warm_cache else str(path))
+    doc = json.loads(doc_path.read_text())
+    res.update({"analyze_seconds": doc["summary"]["seconds"],
+                "json_bytes": doc_path.stat().st_size, "layers": len(doc["layers"])})
+    doc_path.unlink()
+    self.log(f"  done in {res['wall_s']:.1f}s")
+    t = res["wall_s"]
+    target = targets.get(nproc) if self.dev == "cuda" else None
+    gpu = res.get("gpu_peak_used")
+    memory = (f"GPU {', '.join(f'{g / GB:.1f}' for g in gpu)} GB (nvidia-smi)" if gpu else "") + (
+        f"; RSS {res['children_peak_rss'] / GB:.1f} GB" if res.get("children_peak_rss") else "")
+    note = (f"{nproc} process{'es' if nproc > 1 else ''}; analyze() {res['analyze_seconds']:.1f} s of the wall time, "
+            f"the rest is start-up and writing the {res['json_bytes'] / MB:.0f} MB JSON; "
+            f"{self.args.distinct_layers} distinct layers on disk, later layers share their "
+            f"bytes (page cache); {fmt_other(res['meter'])}")
+    unit = ("GPU" if self.dev == "cuda" else "process") + ("s" if nproc > 1 and self.dev == "cuda" else
+                                                           "es" if nproc > 1 else "")
+    return [row(f"analyze, whole model, CLI ({nproc} {unit})", shape_text(key, layers), self.dev,
+                fmt_s(t) + f" ({t / layers:.2f} s/layer)", memory=memory or "—",
+                target=f"<= {target:g} s" if target else "—", met=yes(t <= target) if target else "n/a",
+                note=note)], res
+
+
+def _bench_compress_70b(self):
+    """compress at the Llama-3-70B shape (HOSVD + 2 HOOI sweeps), per layer, without verify."""
+    n = 3
+    path = self.model("llama3-70b", n)
+    out = self.workdir / "llama3-70b-tucker"
+    res = self.work({"task": "compress", "path": str(path), "out": str(out), "ranks": "16,1024,512",
+                     "hooi_iters": 2, "dtype": "float32", "verify": False})
+    per = res["compress_s"] / n
+    target = 2.5 if self.dev == "cuda" else None
+    return [row("compress (HOSVD + 2 HOOI, ranks 16,1024,512), per layer", shape_text("llama3-70b", n), self.dev,
+                f"{per:.2f} s/layer ({res['compress_s']:.1f} s for {n}; 80 layers ~ {80 * per:.0f} s)",
+                memory=fmt_mem(res), target=f"<= {target} s/layer" if target else "—",
+                met=yes(per <= target) if target else "n/a",
+                note=f"max rel. error {res['max_rel_error']:.3f}; {fmt_other(res.get('meter'))}")], res
+
+
+def _bench_torchrun_same(self):
+    """analyze (32 layers) and compress (4 layers) at the Llama-3-8B shape: one process vs
+    ``--nproc`` processes under torchrun; the documents must match apart from timings and the
+    written factors byte for byte."""
+    from safetensors.torch import load_file
+
+    from tuckerctl.checkpoint import read_header
+
+    nproc = max(2, self.args.nproc)
+    layers = 5 if self.args.smoke else 32
+    path = ensure_aliased_model(self.workdir, "llama3-8b", layers, 2 if self.args.smoke else 8, self.log, self.dev)
+    # torchrun gives each process one CPU thread; on the CPU the single process must use the
+    # same, or BLAS sums in another order and the last bits differ.
+    env = {"OMP_NUM_THREADS": "1"} if self.dev == "cpu" else None
+    docs, walls = [], []
+    for n in (1, nproc):
+        out = self.workdir / f"same-{n}.json"
+        walls.append(run_cli(["analyze", str(path), "--device", self.dev, "--quiet", "--output", str(out)], n,
+                             self.dev, self.args.timeout, None, env)["wall_s"])
+        doc = json.loads(out.read_text())
+        doc["summary"].pop("seconds")
+        docs.append(doc)
+    small = ensure_aliased_model(self.workdir, "llama3-8b", 4, 4, self.log, self.dev)
+    outs = []
+    for n in (1, nproc):
+        out = self.workdir / f"same-{n}-tucker"
+        shutil.rmtree(out, ignore_errors=True)
+        run_cli(["compress", str(small), "-o", str(out), "--ranks", "8,256,128", "--no-check", "--quiet",
+                 "--device", self.dev], n, self.dev, self.args.timeout, None, env)
+        outs.append(out)
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    same_factors = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ia, ib = (json.loads(read_header(o / "model.safetensors")[1]["tuckerctl"]) for o in outs)
+    same_records = ia["layers"] == ib["layers"] and ia["settings"] == ib["settings"]
+    ok = docs[0] == docs[1] and same_factors and same_records
+    res = {"analyze_identical": docs[0] == docs[1], "factors_identical": same_factors,
+           "compress_records_identical": same_records, "analyze_wall_s": walls, "nproc": nproc}
+    return [row(f"torchrun {nproc} processes vs 1: same results", shape_text("llama3-8b", layers), self.dev,
+                f"analyze {walls[0]:.1f} s vs {walls[1]:.1f} s", target="identical apart from timings",
+                met=yes(ok), note=f"analyze documents identical: {res['analyze_identical']}; compress (4 layers) "
+                f"factors byte-identical: {same_factors}, records identical: {same_records}")], res
+
+
+for _name in WHOLE:
+    setattr(Suite, "bench_" + _name.replace("-", "_"), lambda self, _n=_name: _bench_whole(self, _n))
+Suite.bench_compress_70b = _bench_compress_70b
+Suite.bench_torchrun_same = _bench_torchrun_same
+
 BENCHMARKS = {  # name -> (method, in quick suite)
     "hosvd-d2048": ("bench_hosvd_d2048", True),
     "hosvd-8b": ("bench_hosvd_8b", True),
@@ -798,6 +1015,9 @@ BENCHMARKS = {  # name -> (method, in quick suite)
     "mla-v3": ("bench_mla", True),
     "qwen7b": ("bench_qwen7b", True),
     "llama70b": ("bench_llama70b", False),
+    "compress-70b": ("bench_compress_70b", False),
+    "torchrun-same": ("bench_torchrun_same", False),
+    **{name: ("bench_" + name.replace("-", "_"), False) for name in WHOLE},
 }
 
 # ---------------------------------------------------------------------------------------
@@ -879,6 +1099,10 @@ def parse_args(argv=None):
     p.add_argument("--warm-cache", action="store_true",
                    help="do not evict the checkpoint files from the page cache before timed runs")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="per-run timeout in seconds")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes for the whole-model runs (torchrun; one GPU each on cuda)")
+    p.add_argument("--distinct-layers", type=int, default=8,
+                   help="distinct layers stored on disk for the whole-model runs (the rest share bytes)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes: checks that the script runs (numbers meaningless)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

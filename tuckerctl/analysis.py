@@ -18,6 +18,7 @@ from . import __version__
 from .adapters import LayerWeights, ModelSpec, detect
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
+from .distributed import join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .multilinear import frobenius_norm_sq, mode_spectra, reduce
@@ -241,19 +242,26 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     gauge = spec.qk_norm and str(spec.extras.get("qk_norm_type", "")).startswith("per_head")
     groups = gqa_groups(spec.heads, spec.kv_heads if spec.attention != "MLA" else None)
     rope, rope_form = rope_setting(spec, rope_offsets)
-    tables: dict = {}
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
+    # Under torchrun each process takes every N-th layer (tuckerctl.distributed); each takes
+    # the noise model from its first layer (attention tensors share one dtype), the document
+    # rank 0's, i.e. that of the first layer, as in one process.
+    group, rank_dev = join(dev)
+    mine = group.shard(indices)
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, mine, rank_dev)):
         if noise_model is None:
             eps, dtype = storage_eps(stored_dtype(ckpt, layer))
             noise_model = {"dtype": dtype, "relative_rms": eps}
-        result = analyze_layer(layer, energy, tol, dev, groups, rope, noise_model["relative_rms"], gauge)
+        results.append(analyze_layer(layer, energy, tol, rank_dev, groups, rope, noise_model["relative_rms"], gauge))
+        if progress and group.writer:
+            progress(k + 1, len(mine))
+    results = sorted((r for part in group.all_gather(results) for r in part), key=lambda r: r["index"])
+    noise_model = next((m for m in group.all_gather(noise_model) if m is not None), None)
+    tables: dict = {}
+    for result in results:  # in layer order, whichever process computed them
         for key in ("pre", "post"):
             exact = result[key].pop("exact")
             result[key]["gqa"] = exact["gqa"]
             _add_table(tables, key, exact["hosvd"])
-        results.append(result)
-        if progress:
-            progress(k + 1, len(indices))
     doc = {
         "schema": SCHEMA,
         "tool_version": __version__,

@@ -151,14 +151,21 @@ def _checked_sources(sources: list[str], layers: str | None) -> list[str]:
 
 def _analysis_docs(sources: list[str], quiet: bool, show: bool, wide: bool = False, **options) -> list[dict]:
     """Analyse each source in turn (printing its table unless quiet/``show`` is off)."""
+    from .distributed import is_writer, leave
+
+    quiet = quiet or not is_writer()  # under torchrun only rank 0 shows progress and tables
     docs = []
     for k, src in enumerate(sources):
         what = f"analyze {src}" + ("" if len(sources) == 1 else f" ({k + 1}/{len(sources)})")
         callback, ctx = _progress(quiet, what)
-        with ctx:
-            from .analysis import analyze as run  # torch: imported while the bar already shows
+        try:
+            with ctx:
+                from .analysis import analyze as run  # torch: imported while the bar already shows
 
-            docs.append(run(src, progress=callback, **options))
+                docs.append(run(src, progress=callback, **options))
+        finally:
+            if k == len(sources) - 1:
+                leave()
         from .tables import print_analysis
 
         if show and not quiet:
@@ -201,10 +208,15 @@ def analyze(
 
     paths = _checked_sources(sources, layers)
     energies = _analysis_options(energy, tol, device)
-    target = claim_json(output, [*paths, config], overwrite)
+    from .distributed import is_writer
+
+    # Under torchrun only rank 0 writes: the others neither claim nor write the output.
+    target = claim_json(output, [*paths, config], overwrite) if is_writer() else None
     docs = _analysis_docs(paths, quiet, True, wide, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                           family=family, layers=layers, energy=energies, tol=tol, device=device,
                           revision=revision, rope_offsets=rope_offsets)
+    if not is_writer():  # under torchrun every rank holds the documents; rank 0 checks and writes them
+        return
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
                                           "models": docs}
     if cross_check:
@@ -321,15 +333,22 @@ def compress(
     claim(out, "checkpoint", inputs=[path, config, calibrate], overwrite=overwrite)
     output = claim_json(output, [path, config, calibrate, out], overwrite)
     from .compress import compress as run
+    from .distributed import is_writer, leave
     from .tables import print_compress, print_verify
     from .verify import verify
 
-    callback, ctx = _progress(quiet, "compress")
-    with ctx:
-        doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
-                  hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, structure=structure,
-                  config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
-                  calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors, progress=callback)
+    callback, ctx = _progress(quiet or not is_writer(), "compress")
+    try:
+        with ctx:
+            doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
+                      hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, structure=structure,
+                      config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
+                      calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors,
+                      progress=callback)
+    finally:
+        leave()
+    if doc is None:  # a torchrun rank other than 0: rank 0 writes, checks and reports
+        return
     if not quiet:
         print_compress(doc, out, err)
     elif doc.get("warnings"):  # a result bigger than its source is worth a line even when quiet

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from .allocate import TensorSpectra, allocate_budget, allocation_grid, energy_ra
 from .analysis import iter_layers
 from .checkpoint import open_checkpoint
 from .device import resolve_device
+from .distributed import SINGLE, Group, join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
@@ -106,20 +109,26 @@ def _whitened(stack, left, right):
     return whiten_stack(stack, left.S if left else None, right.S if right else None)
 
 
-def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure, moments=None):
+def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure, moments=None,
+                  group: Group = SINGLE):
     """Pass 1 for --params: spectra of every tensor (in the activation metric when
-    calibrated), then a global allocation."""
-    tensors, original = [], 0
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
-        original += layer.params
+    calibrated; this rank's share of the layers, then gathered from every rank), then a
+    global allocation."""
+    mine = []
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, group.shard(indices), dev)):
+        pair = []
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
             metric_stack = _whitened(stack, *_metric(stack, key, moments, layer.index))
             s = mode_spectra(reduce(metric_stack))
-            tensors.append(_spectra_for_allocation(metric_stack, s, structure if key == "pre" else TUCKER,
-                                                   spec.head_dim))
+            pair.append(_spectra_for_allocation(metric_stack, s, structure if key == "pre" else TUCKER,
+                                                spec.head_dim))
+        mine.append((layer.index, layer.params, pair))
         if progress:
             progress(k + 1, 2 * len(indices))
+    every = sorted((item for part in group.all_gather(mine) for item in part), key=lambda item: item[0])
+    original = sum(item[1] for item in every)
+    tensors = [t for item in every for t in item[2]]
     budget = int(params * original)
     try:
         chosen = allocate_budget(tensors, budget)
@@ -159,6 +168,62 @@ def _qk_input(layer, stack, want, hooi_iters, store, left=None, right=None):
     return t, got, out, weighted
 
 
+def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_post, kind, hooi_iters, store, spec):
+    """One tensor of a layer: ranks, decomposition, factors on the host. Returns (record
+    entry, {part: tensor}, notes)."""
+    notes = []
+    stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
+    left, right = _metric(stack, key, calib, layer.index)
+    if budget is not None:
+        want = budget[(layer.index, key)]
+    elif energy is not None:
+        s = mode_spectra(reduce(_whitened(stack, left, right)))
+        want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
+    else:
+        want = fixed_pre if key == "pre" else fixed_post
+    if key == "pre" and kind == QK_INPUT:
+        t, got, parts, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
+        want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
+        count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
+    else:
+        got = clamp_ranks(stack, want)
+        weighted = None
+        if calib is None:
+            t = tucker(stack, got, hooi_iters=hooi_iters)
+        else:
+            wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
+            t, weighted = wt.tucker, wt.weighted_error
+        parts = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
+        count = tucker_params(stack.shape, t.ranks)
+    if tuple(got) != tuple(want):
+        notes.append(f"layer {layer.index} {key}: ranks {list(want)} clamped to the mode ceilings {list(got)}")
+    entry = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
+             "rel_error_hosvd": t.errors[0], "params": count}
+    if calib is not None:  # rel_error is then the weight-space error of the mapped-back factors
+        entry["activation_rel_error"] = weighted
+        entry["metric_condition"] = [None if w is None else w.condition for w in (left, right)]
+    return entry, parts, notes
+
+
+def _concurrently(calls, dev: torch.device) -> list:
+    """Results of ``calls``; on CUDA each runs in its own thread and stream (the two
+    tensors of a layer then share the GPU: one eigensolver leaves most of it idle).
+    Each call must finish its GPU work (e.g. copy its results to the host)."""
+    if dev.type != "cuda":
+        return [call() for call in calls]
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(dev))
+
+    def run(call):
+        stream = torch.cuda.Stream(dev)
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
 def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = None,
              energy: float | None = None, params: float | None = None, hooi_iters: int = 2,
              device: str = "auto", dtype: str | None = None, overwrite: bool = False,
@@ -166,7 +231,8 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
              calibrate=None, calib_tokens: int = 4096, method: str = "tucker", tensors: str = "both",
              moments=None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Compress ``path`` into the directory ``out``; returns the compression record
-    (also stored as the checkpoint's ``tuckerctl`` metadata).
+    (also stored as the checkpoint's ``tuckerctl`` metadata). Under torchrun the layers
+    are shared among the processes and rank 0 writes; the other ranks return None.
 
     ``dtype``: stored factor dtype; None = the source's (bf16/fp16 in, same out; float32
     for float32, fp8 and quantised GGUF sources). ``structure``: ``auto`` | ``qk-input`` |
@@ -213,59 +279,48 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
                                 tensors=tensors, dtype=dtype or "float32", overwrite=overwrite,
                                 calibrate=calibrate, start=start, progress=progress)
     steps = len(indices) * (3 if params is not None else 1)
+    requested = dev
+    group, dev = join(dev)
+    if not group.writer:
+        progress = None
     budget = _budget_ranks(adapter, ckpt, spec, indices, params, dev,
                            (lambda d, t: progress(d, steps)) if progress else None,
-                           kind, calib) if params is not None else None
-    factors: dict[str, torch.Tensor] = {}
-    replaced: set[str] = set()
-    records, notes = [], []
+                           kind, calib, group) if params is not None else None
+    done = []  # per layer of this rank's share: (record, factors, notes)
     store = None
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, indices, dev)):
+    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, group.shard(indices), dev)):
         if store is None:
             dtype = dtype or _SOURCE_STORE.get(ckpt.dtype(layer.tensors[0]), "float32")
             store = STORE_DTYPES[dtype]
         rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors,
                "structure": kind}
-        # qk_input keeps the model's own qk-norm modules: their tensors stay in the output.
-        replaced.update(n for n in layer.tensors if not (kind == QK_INPUT and n.endswith(("q_norm.weight",
-                                                                                          "k_norm.weight"))))
-        for key in ("pre", "post"):
-            stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
-            left, right = _metric(stack, key, calib, layer.index)
-            if budget is not None:
-                want = budget[(layer.index, key)]
-            elif energy is not None:
-                s = mode_spectra(reduce(_whitened(stack, left, right)))
-                want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
-            else:
-                want = fixed_pre if key == "pre" else fixed_post
-            if key == "pre" and kind == QK_INPUT:
-                t, got, parts, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
-                want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
-                count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
-            else:
-                got = clamp_ranks(stack, want)
-                weighted = None
-                if calib is None:
-                    t = tucker(stack, got, hooi_iters=hooi_iters)
-                else:
-                    wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
-                    t, weighted = wt.tucker, wt.weighted_error
-                parts = {part: x.to(store).cpu().contiguous() for part, x in zip(PARTS[key], [t.core, *t.factors])}
-                count = tucker_params(stack.shape, t.ranks)
-            if tuple(got) != tuple(want):
-                notes.append(f"layer {layer.index} {key}: ranks {list(want)} clamped to the mode ceilings {list(got)}")
+        outs = _concurrently([partial(_compress_tensor, layer, key, dev, calib, budget, energy, fixed_pre, fixed_post,
+                                      kind, hooi_iters, store, spec) for key in ("pre", "post")], dev)
+        factors: dict[str, torch.Tensor] = {}
+        notes = []
+        for key, (entry, parts, note) in zip(("pre", "post"), outs):
             factors.update({factor_name(layer.index, key, part): x for part, x in parts.items()})
-            rec[key] = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
-                        "rel_error_hosvd": t.errors[0], "params": count}
-            if calib is not None:  # rel_error is then the weight-space error of the mapped-back factors
-                rec[key]["activation_rel_error"] = weighted
-                rec[key]["metric_condition"] = [None if w is None else w.condition for w in (left, right)]
+            rec[key] = entry
+            notes += note
         if layer.out_bias is not None:
             factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
-        records.append(rec)
+        done.append((rec, factors, notes))
         if progress:
             progress(k + 1 + (steps - len(indices)), steps)
+    # Under torchrun rank 0 collects every layer's factors and alone writes the checkpoint.
+    parts = group.gather(done)
+    if parts is None:
+        return None
+    done = sorted((item for part in parts for item in part), key=lambda item: item[0]["index"])
+    records = [rec for rec, _, _ in done]
+    factors = {name: t for _, layer_factors, _ in done for name, t in layer_factors.items()}
+    notes = [note for _, _, layer_notes in done for note in layer_notes]
+    if store is None:
+        dtype = dtype or "float32"
+        store = STORE_DTYPES[dtype]
+    # qk_input keeps the model's own qk-norm modules: their tensors stay in the output.
+    replaced = {n for rec in records for n in rec["source_tensors"]
+                if not (kind == QK_INPUT and n.endswith(("q_norm.weight", "k_norm.weight")))}
     # Same-named notes for every layer read badly; keep the first few.
     if len(notes) > 4:
         notes = notes[:3] + [f"... and {len(notes) - 3} more clamped tensors"]
@@ -294,7 +349,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         "settings": {"ranks": list(fixed_pre) if fixed_pre else None,
                      "ranks_post": list(fixed_post) if fixed_post else None,
                      "energy": energy, "params": params, "hooi_iters": hooi_iters, "dtype": dtype,
-                     "structure": kind, "device": str(dev), "method": method, "tensors": tensors,
+                     "structure": kind, "device": str(requested), "method": method, "tensors": tensors,
                      "calibration": calibration_record(calibrate, calib)},
         "layers": records,
         "summary": {"params_original": original, "params_tucker": compressed,

@@ -233,21 +233,6 @@ def _weighted_side_gram(X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
 _GRAM_ABOVE = 512
 
 
-def _singular(X: Tensor, k: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Singular values of X (descending) and, if ``k``, its k leading left singular vectors."""
-    if k is None:
-        return torch.linalg.svdvals(X), None
-    U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    return S, U[:, :k]
-
-
-def _gram_singular(gram: Tensor, k: int | None = None) -> tuple[Tensor, Tensor | None]:
-    if k is None:
-        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), None
-    vals, vecs = _top_eigvecs(gram, k)
-    return vals.sqrt(), vecs
-
-
 def _sandwich_sum(c: Tensor, w: Tensor) -> Tensor:
     """sum_j c_j w_j c_j^T for c: (J, x, r), w: (J, r, r), a block of j at a time."""
     J, x, r = c.shape
@@ -260,31 +245,46 @@ def _sandwich_sum(c: Tensor, w: Tensor) -> Tensor:
     return out
 
 
+def _side_singular(red: Reduced, left: bool, k: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Singular values of the mode-2 (``left``) or mode-3 unfolding of W' and, if ``k``,
+    its k leading left singular vectors."""
+    pb = _side_problem(red, left)
+    if k is None:
+        return pb.solve(), None
+    if pb.gram:
+        vals, vecs = _top_eigvecs(pb.matrix, k)
+        return vals.sqrt(), vecs
+    U, S, _ = torch.linalg.svd(pb.matrix, full_matrices=False)
+    return S, U[:, :k]
+
+
 def _left_side(red: Reduced, k: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Singular values (and k leading vectors) of the mode-2 unfolding of W'."""
-    H, p, r = red.lc.shape
-    if min(p, H * min(red.rc.shape[1], r)) <= _GRAM_ABOVE:
-        return _singular(_left_unfolding_core(red), k)
-    # [W'_1 ... W'_H][...]^T = sum_h lc_h (rc_g^T rc_g) lc_h^T
-    return _gram_singular(_sandwich_sum(red.lc, (red.rc.transpose(1, 2) @ red.rc)[red.group]), k)
+    return _side_singular(red, True, k)
 
 
 def _right_side(red: Reduced, k: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Singular values (and k leading vectors) of the mode-3 unfolding of W'."""
-    H, p, r = red.lc.shape
-    G, q, _ = red.rc.shape
-    if min(q, H * min(p, r)) <= _GRAM_ABOVE:
-        return _singular(_right_unfolding_core(red), k)
-    # sum_h rc_g (lc_h^T lc_h) rc_g^T, with the heads of a group summed first
-    w = torch.zeros(G, r, r, dtype=red.lc.dtype, device=red.lc.device)
-    w.index_add_(0, red.group, red.lc.transpose(1, 2) @ red.lc)
-    return _gram_singular(_sandwich_sum(red.rc, w), k)
+    return _side_singular(red, False, k)
 
 
-def _top_eigvecs(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Leading eigenpairs of a symmetric PSD matrix, descending."""
-    vals, vecs = torch.linalg.eigh(gram)
-    return vals.flip(0)[:k].clamp_min(0), vecs.flip(1)[:, :k]
+def _side_vectors(red: Reduced, left: bool, k: int, eig_dtype: torch.dtype | None = None) -> Tensor:
+    """The k leading left singular vectors of the mode-2 (``left``) or mode-3 unfolding of W'."""
+    pb = _side_problem(red, left)
+    if pb.gram:
+        return _top_eigvecs(pb.matrix, k, eig_dtype)[1]
+    return torch.linalg.svd(pb.matrix, full_matrices=False)[0][:, :k]
+
+
+def _top_eigvecs(gram: Tensor, k: int, eig_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Leading eigenpairs of a symmetric PSD matrix, descending. With a lower ``eig_dtype``
+    the eigensolver runs in it and the vectors are re-orthonormalised in the Gram's dtype
+    (thin QR, signs kept), so projections stay orthogonal and errors computed from the
+    core stay exact; only the subspace's optimality is at that precision."""
+    if eig_dtype is None or eig_dtype == gram.dtype:
+        vals, vecs = torch.linalg.eigh(gram)
+        return vals.flip(0)[:k].clamp_min(0), vecs.flip(1)[:, :k]
+    vals, vecs = torch.linalg.eigh(gram.to(eig_dtype))
+    q, r = torch.linalg.qr(vecs.flip(1)[:, :k].to(gram.dtype))
+    return vals.flip(0)[:k].clamp_min(0).to(gram.dtype), q * torch.sign(r.diagonal()).where(r.diagonal() != 0, 1)
 
 
 @dataclass
@@ -301,19 +301,56 @@ class ModeSpectra:
         return iter((self.head, self.left, self.right))
 
 
-def mode_spectra(stack: HeadStack | Reduced) -> ModeSpectra:
+@dataclass
+class SpectrumProblem:
+    """A matrix whose spectrum gives one mode's singular values: the eigenvalues of a
+    symmetric PSD Gram (``gram``, then square roots) or the singular values of a small
+    matrix. Built with GEMMs from the factors; solving it is the expensive, separate step
+    (so callers can run several solves concurrently, e.g. one CUDA stream each)."""
+
+    matrix: Tensor
+    gram: bool
+
+    def solve(self, eig_dtype: torch.dtype | None = None) -> Tensor:
+        """Singular values, descending, in the matrix's dtype. ``eig_dtype`` (e.g. float32
+        for a bf16 checkpoint) runs a Gram's eigensolver in that precision: its error is
+        about sqrt(eps) sigma_1 for the smallest values (3.5e-4 sigma_1 in float32)."""
+        if not self.gram:
+            return torch.linalg.svdvals(self.matrix)
+        g = self.matrix if eig_dtype is None else self.matrix.to(eig_dtype)
+        return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt().to(self.matrix.dtype)
+
+
+def _side_problem(red: Reduced, left: bool) -> SpectrumProblem:
+    H, p, r = red.lc.shape
+    G, q, _ = red.rc.shape
+    if left:
+        if min(p, H * min(q, r)) <= _GRAM_ABOVE:
+            return SpectrumProblem(_left_unfolding_core(red), False)
+        return SpectrumProblem(_sandwich_sum(red.lc, (red.rc.transpose(1, 2) @ red.rc)[red.group]), True)
+    if min(q, H * min(p, r)) <= _GRAM_ABOVE:
+        return SpectrumProblem(_right_unfolding_core(red), False)
+    w = torch.zeros(G, r, r, dtype=red.lc.dtype, device=red.lc.device)
+    w.index_add_(0, red.group, red.lc.transpose(1, 2) @ red.lc)
+    return SpectrumProblem(_sandwich_sum(red.rc, w), True)
+
+
+def spectrum_problems(red: Reduced) -> tuple[Tensor, list[SpectrumProblem]]:
+    """The head Gram and the three per-mode problems (head, left, right) of ``W``."""
+    g1 = head_gram(red.lc, red.rc, red.group)
+    return g1, [SpectrumProblem(g1, True), _side_problem(red, True), _side_problem(red, False)]
+
+
+def mode_spectra(stack: HeadStack | Reduced, eig_dtype: torch.dtype | None = None) -> ModeSpectra:
     """Singular values of the head, left and right unfoldings of ``W``.
 
     Left/right: the SVD of a small matrix sharing the unfolding's singular values (thin
     QR of the other side: p x (H k) instead of d x H d), or for big modes the float64
     Gram summed from the factors.
-    Head: eigenvalues of the H x H Gram."""
+    Head: eigenvalues of the H x H Gram. ``eig_dtype``: see ``SpectrumProblem.solve``."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
-    g1 = head_gram(red.lc, red.rc, red.group)
-    head = torch.linalg.eigvalsh(g1).flip(0).clamp_min(0).sqrt()
-    left = _left_side(red)[0]
-    right = _right_side(red)[0]
-    return ModeSpectra(head, left, right, g1)
+    g1, problems = spectrum_problems(red)
+    return ModeSpectra(*(pb.solve(eig_dtype) for pb in problems), g1)
 
 
 def frobenius_norm_sq(red: Reduced) -> Tensor:
@@ -364,9 +401,11 @@ def _core_reduced(red: Reduced, U1: Tensor, V2: Tensor, V3: Tensor) -> Tensor:
     r1, r2, r3 = U1.shape[1], V2.shape[1], V3.shape[1]
     core = torch.zeros(r1, r2, r3, dtype=red.lc.dtype, device=red.lc.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, r2 * r3))
+    if 2 * r1 >= a.shape[0]:  # the core is about as big as all heads' blocks: one pass, not
+        step = a.shape[0]     # a read-modify-write of the whole core per chunk of heads
     for s in range(0, a.shape[0], step):
         y = a[s:s + step] @ b[red.group[s:s + step]].transpose(1, 2)  # (c, r2, r3)
-        core += torch.einsum("hj,hab->jab", U1[s:s + step], y)
+        core += (U1[s:s + step].T @ y.reshape(y.shape[0], -1)).reshape(r1, r2, r3)  # a GEMM, not einsum
     return core
 
 
@@ -387,23 +426,24 @@ def clamp_ranks(stack_or_red: HeadStack | Reduced, ranks) -> tuple[int, int, int
     return tuple(max(1, min(int(k), lim)) for k, lim in zip(ranks, limits))
 
 
-def tucker(stack: HeadStack, ranks, hooi_iters: int = 0) -> Tucker:
+def tucker(stack: HeadStack, ranks, hooi_iters: int = 0, eig_dtype: torch.dtype | None = None) -> Tucker:
     """Truncated HOSVD of ``W`` at ``ranks`` (clamped), then ``hooi_iters`` HOOI sweeps,
-    all from the factors. Returns factors in the original (m, n) coordinates."""
+    all from the factors. Returns factors in the original (m, n) coordinates.
+    ``eig_dtype``: precision of the eigensolvers (see ``_top_eigvecs``)."""
     red = reduce(stack)
     r1, r2, r3 = clamp_ranks(red, ranks)
     norm_sq = frobenius_norm_sq(red)
-    _, U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), r1)
-    V2 = _left_side(red, r2)[1]
-    V3 = _right_side(red, r3)[1]
+    _, U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), r1, eig_dtype)
+    V2 = _side_vectors(red, True, r2, eig_dtype)
+    V3 = _side_vectors(red, False, r3, eig_dtype)
     core = _core_reduced(red, U1, V2, V3)
     errors = [_rel_error(norm_sq, core)]
     rc_h = red.rc_heads
     for _ in range(hooi_iters):  # mode order head, left, right, as TensorLy's HOOI
-        U1 = _top_eigvecs(head_gram(V2.T @ red.lc, V3.T @ red.rc, red.group), r1)[1]
+        U1 = _top_eigvecs(head_gram(V2.T @ red.lc, V3.T @ red.rc, red.group), r1, eig_dtype)[1]
         w = U1 @ U1.T
-        V2 = _top_eigvecs(_weighted_side_gram(red.lc, V3.T @ rc_h, w), r2)[1]
-        V3 = _top_eigvecs(_weighted_side_gram(rc_h, V2.T @ red.lc, w), r3)[1]
+        V2 = _top_eigvecs(_weighted_side_gram(red.lc, V3.T @ rc_h, w), r2, eig_dtype)[1]
+        V3 = _top_eigvecs(_weighted_side_gram(rc_h, V2.T @ red.lc, w), r3, eig_dtype)[1]
         core = _core_reduced(red, U1, V2, V3)
         errors.append(_rel_error(norm_sq, core))
     return Tucker(core, [U1, red.lift_left(V2), red.lift_right(V3)], errors[-1], errors)
