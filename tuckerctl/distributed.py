@@ -14,8 +14,6 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import torch
-
 # Ranks compute for as long as their share of the model takes before the one collective
 # that gathers it, so the default 10-30 min collective timeout is far too short.
 _TIMEOUT = datetime.timedelta(hours=12)
@@ -60,13 +58,15 @@ class Group:
 SINGLE = Group()
 
 
-def join(device: torch.device) -> tuple[Group, torch.device]:
+def join(device):
     """The process group of a torchrun launch (initialised on first use) and this rank's
     device: ``cuda:LOCAL_RANK`` when ``device`` is a CUDA device. Outside torchrun:
-    (SINGLE, device)."""
+    (SINGLE, device). (torch is imported here, not at module level, so that the CLI can
+    show its progress bar before torch's slow import.)"""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE, device
+    import torch
     import torch.distributed as dist
 
     if device.type == "cuda":
