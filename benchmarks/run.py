@@ -214,11 +214,11 @@ def ensure_model(workdir: Path, key: str, layers: int, log, device: str = "cpu")
 
 
 def ensure_aliased_model(workdir: Path, key: str, layers: int, distinct: int, log, device: str = "cpu") -> Path:
-    """A ``layers``-layer checkpoint that stores only ``distinct`` layers' bytes: file j holds
-    layer j's tensors once, and its safetensors header names them for every layer i with
-    i % distinct == j (several names share one byte range; tuckerctl's reader allows that,
-    the safetensors library does not). The 405B shape thus takes 4.6 GB of disk instead of
-    143 GB. Later layers re-read bytes the first ``distinct`` ones brought into the page cache."""
+    """A ``layers``-layer checkpoint, one file per layer (``distinct`` is kept for the call sites:
+    storing only a few layers' bytes, with several tensor names sharing one byte range, was
+    measured on 2026-11-29 but tuckerctl's reader now rejects overlapping ranges as a damaged
+    file, so every layer is written: the 405B shape needs 143 GB of disk)."""
+    distinct = layers
     root = workdir / key / f"L{layers}-alias{distinct}"
     params = json.dumps({**MODELS[key], "seed": SEED, "generator": device, "v": 1, "layers": layers,
                          "distinct": distinct}, sort_keys=True)
@@ -914,9 +914,9 @@ def _bench_whole(self, name):
     """``tuckerctl analyze MODEL --output FILE`` on a whole model, CLI wall time."""
     key, layers, targets = WHOLE[name]
     nproc = self.args.nproc
-    if self.args.smoke:  # a check of the script: a few layers, two of them distinct
-        layers, self.args.distinct_layers = 5, 2
-    path = ensure_aliased_model(self.workdir, key, layers, self.args.distinct_layers, self.log, self.dev)
+    if self.args.smoke:  # a check of the script: a few layers
+        layers = 5
+    path = ensure_aliased_model(self.workdir, key, layers, layers, self.log, self.dev)
     doc_path = self.workdir / f"{name}-n{nproc}.json"
     self.log(f"  running tuckerctl analyze on {path.name} ({nproc} process{'es' if nproc > 1 else ''}) ...")
     res = run_cli(["analyze", str(path), "--device", self.dev, "--quiet", "--output", str(doc_path)], nproc,
@@ -933,8 +933,7 @@ def _bench_whole(self, name):
         f"; RSS {res['children_peak_rss'] / GB:.1f} GB" if res.get("children_peak_rss") else "")
     note = (f"{nproc} process{'es' if nproc > 1 else ''}; analyze() {res['analyze_seconds']:.1f} s of the wall time, "
             f"the rest is start-up and writing the {res['json_bytes'] / MB:.0f} MB JSON; "
-            f"{self.args.distinct_layers} distinct layers on disk, later layers share their "
-            f"bytes (page cache); {fmt_other(res['meter'])}")
+            f"{layers} layer files; {fmt_other(res['meter'])}")
     unit = ("GPU" if self.dev == "cuda" else "process") + ("s" if nproc > 1 and self.dev == "cuda" else
                                                            "es" if nproc > 1 else "")
     return [row(f"analyze, whole model, CLI ({nproc} {unit})", shape_text(key, layers), self.dev,
@@ -969,7 +968,7 @@ def _bench_torchrun_same(self):
 
     nproc = max(2, self.args.nproc)
     layers = 5 if self.args.smoke else 32
-    path = ensure_aliased_model(self.workdir, "llama3-8b", layers, 2 if self.args.smoke else 8, self.log, self.dev)
+    path = ensure_aliased_model(self.workdir, "llama3-8b", layers, layers, self.log, self.dev)
     # torchrun gives each process one CPU thread; on the CPU the single process must use the
     # same, or BLAS sums in another order and the last bits differ.
     env = {"OMP_NUM_THREADS": "1"} if self.dev == "cpu" else None
@@ -1101,8 +1100,6 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=4 * 3600, help="per-run timeout in seconds")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes for the whole-model runs (torchrun; one GPU each on cuda)")
-    p.add_argument("--distinct-layers", type=int, default=8,
-                   help="distinct layers stored on disk for the whole-model runs (the rest share bytes)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes: checks that the script runs (numbers meaningless)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
