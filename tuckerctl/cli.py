@@ -7,6 +7,7 @@ progress on stderr (progress only on a TTY); exit 0 success, 1 a check failed,
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,8 +29,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 err = Console(stderr=True)
-if not err.is_terminal:  # logs and CI: do not wrap tables at 80 columns
-    err = Console(stderr=True, width=200)
+if not err.is_terminal:  # logs and CI: do not wrap at 80 columns unless COLUMNS says so
+    err = Console(stderr=True, width=int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 200)
 
 # ------------------------------------------------------------------ shared options
 

@@ -278,6 +278,8 @@ def _clip_at_roundoff(ax, tol: float | None) -> None:
     floor = tol / 10
     lo, hi = ax.get_ylim()
     ax.set_ylim(max(lo, floor), hi)
+    if tol < max(lo, floor):
+        return  # the whole spectrum lies above the tolerance: nothing to mark
     ax.axhline(tol, color="#999999", ls=(0, (1, 2)), lw=0.9, zorder=0)
     ax.text(0.99, tol, f"tol {tol:g}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
             fontsize=_fs(6.5), color="#777777")
