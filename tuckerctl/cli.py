@@ -44,6 +44,10 @@ JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
 OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file (new, or with --overwrite "
                       "an earlier tuckerctl JSON; never an input).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by tuckerctl.")
+# -o is always where a command's result goes: the JSON file of analyze/inspect/verify, the
+# directory of compress/report (whose --output is the JSON document beside it).
+OUTPUT_FILE = typer.Option(None, "--output", "-o", help="Write the JSON document to this file (new, or with "
+                           "--overwrite an earlier tuckerctl JSON; never an input).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
 REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folders: branch, tag or commit "
                         "(default main).")
@@ -195,7 +199,7 @@ def analyze(
     revision: Optional[str] = REVISION,
     wide: bool = typer.Option(False, "--wide", help="One table for both tensors (needs a wide terminal)."),
     json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
+    output: Optional[Path] = OUTPUT_FILE,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
@@ -251,7 +255,7 @@ def inspect(
     family: Optional[str] = FAMILY,
     revision: Optional[str] = REVISION,
     json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
+    output: Optional[Path] = OUTPUT_FILE,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
@@ -380,7 +384,7 @@ def verify(
     config: Optional[Path] = CONFIG,
     device: str = DEVICE,
     json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
+    output: Optional[Path] = OUTPUT_FILE,
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ):
