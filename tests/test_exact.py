@@ -132,3 +132,17 @@ def test_analyze_tradeoff_points_are_the_dense_truncation_errors():
         assert (t.gqa_contiguous or t.gqa).errors[k] == pytest.approx((contiguous / norm_sq) ** 0.5, rel=1e-7,
                                                                         abs=1e-7)
         assert t.gqa.errors[k] <= (t.gqa_contiguous or t.gqa).errors[k] + 1e-12
+
+
+def test_report_rejects_a_residual_table_that_does_not_match_its_grid():
+    from pathlib import Path
+
+    from tuckerctl.analysis import analyze
+    from tuckerctl.errors import InputError
+    from tuckerctl.report import validate_analysis
+
+    doc = analyze(Path(__file__).resolve().parent.parent / "examples" / "tiny-gqa", layers="0", device="cpu")
+    validate_analysis(doc)
+    doc["summary"]["tradeoff"]["pre"]["hosvd"]["residual_sq"] = [[[1.0]]]
+    with pytest.raises(InputError, match="summary.tradeoff.pre.hosvd.residual_sq"):
+        validate_analysis(doc)

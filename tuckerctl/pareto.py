@@ -2,8 +2,11 @@
 
 Pure functions of an analysis document's spectra: no I/O, no plotting, numpy only.
 
-Every format below is a truncation of the Tucker picture, scored by the truncated-HOSVD
-tail bound of its rank triple (docs/mathematics.md section 5)::
+When the analysis carries ``summary.tradeoff`` (analyze computes it), Tucker and MLA-shaped
+points are at their exact truncated-HOSVD errors and GQA-shaped points at their exact errors for
+the best grouping found (:func:`exact_curves`, :func:`exact_gqa`; :mod:`tuckerctl.exact`). Without
+it (tensors too large for the exact table), every format below is a truncation of the Tucker
+picture, scored by the truncated-HOSVD tail bound of its rank triple (docs/mathematics.md section 5)::
 
     err(r1, r2, r3)^2 = sum_layers sum_n sum_{i > r_n} (sigma_i^(n))^2 / sum_layers ||W||^2
 
