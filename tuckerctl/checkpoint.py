@@ -12,7 +12,6 @@ interface with Hugging Face tensor names and config keys.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -22,12 +21,16 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .strict import loads_strict, regular_file
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "C64": 8,
 }
+# Other dtypes (sub-byte F4/F6, future ones) are accepted when the safetensors library
+# accepts the file; they only fail if a tensor of that dtype is actually read.
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -52,7 +55,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     not expose data offsets, which positioned reads (memory flat in the number of layers),
     byte-exact copies and content hashes need; and its errors do not name the tensor."""
     try:
-        size = path.stat().st_size
+        size = regular_file(path).stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -64,13 +67,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header_bytes = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InputError(f"{path}: safetensors header is not valid JSON") from None
+    header = loads_strict(header_bytes, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: safetensors __metadata__ must map strings to strings")
     data_size = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -78,8 +80,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not isinstance(dtype, str) or not all(_count(x) for x in (*shape, begin, end)):
+            raise InputError(f"{path}: tensor {name!r}: dtype must be a string, shape and data_offsets "
+                             f"non-negative integers")
         if dtype not in DTYPE_SIZES:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            tensors[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
+            continue  # the library below decides whether the file is valid
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected or begin < 0:
             raise InputError(f"{path}: tensor {name!r} header lies about its size "
@@ -90,6 +96,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         tensors[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
     _library_check(path)
     return tensors, metadata
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _library_check(path: Path) -> None:
@@ -110,6 +120,8 @@ def _find_files(path: Path) -> tuple[list[Path], Path | None]:
     """Resolve a user path to (safetensors files, index file or None)."""
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        regular_file(path)
     if path.is_file():
         if path.name.endswith(".index.json"):
             return [], path
@@ -133,17 +145,35 @@ def _read_index(index: Path, partial: bool = False) -> list[Path]:
     """The shards an index names; with ``partial``, only those present (a Hub snapshot
     fetched for analysis holds just the attention shards)."""
     try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
-    files = sorted({index.parent / f for f in weight_map.values()})
+        data = loads_strict(regular_file(index).read_bytes(), str(index))
+    except OSError as e:
+        raise InputError(f"{index}: cannot read ({e.strerror})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: not a valid safetensors index ('weight_map' must map names to shard files)")
+    files = sorted({_confined(index, v) for v in weight_map.values()})
     if partial:
         return [f for f in files if f.exists()]
     for f in files:
         if not f.exists():
             raise InputError(f"{index}: missing shard {f.name}")
     return files
+
+
+def _confined(index: Path, name: str) -> Path:
+    """The shard ``name`` of ``index``, which must stay inside the index's folder: no
+    absolute paths, no ``..``, no symlink leading out (except into the ``blobs`` folder
+    of the same Hugging Face cache repository, where snapshot files point)."""
+    folder = index.parent
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or "\x00" in name:
+        raise InputError(f"{index}: shard path {name!r} leaves the model folder")
+    target = folder / rel
+    real, home = Path(os.path.realpath(target)), Path(os.path.realpath(folder))
+    blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
+    if home not in real.parents and not (blobs is not None and blobs in real.parents):
+        raise InputError(f"{index}: shard {name!r} is a link leading out of the model folder")
+    return target
 
 
 @dataclass
@@ -193,7 +223,7 @@ class Checkpoint:
             torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         if info.dtype.startswith("F8"):
             t = self._dequantise_fp8(name, t)
-        return t.to(dtype)
+        return require_finite(t.to(dtype), info.file, name)
 
     def _dequantise_fp8(self, name: str, t: torch.Tensor) -> torch.Tensor:
         scale_name = name + "_scale_inv"
@@ -224,14 +254,22 @@ class Checkpoint:
         return math.prod(self.shape(name))
 
 
+def require_finite(t: torch.Tensor, file, name: str) -> torch.Tensor:
+    """``t``, or an InputError naming the tensor when it holds NaN or Inf: corrupted
+    weights must stop the command, not flow into spectra, factors or "passed" checks."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"{file}: tensor {name!r} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} "
+                         f"(corrupted weights?)")
+    return t
+
+
 def load_config(path: Path) -> dict:
     """Read a config.json, naming the file in any error."""
     try:
-        cfg = json.loads(path.read_text())
+        cfg = loads_strict(regular_file(path).read_bytes(), str(path))
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError:
-        raise InputError(f"{path}: not valid JSON") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: config is not a JSON object")
     return cfg

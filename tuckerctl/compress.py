@@ -39,6 +39,7 @@ from .tucker_format import (
     factor_name,
     write_checkpoint,
 )
+from .verify import worst
 from .whiten import weighted_tucker, whiten_stack
 
 METHODS = ("tucker", "svd")
@@ -354,7 +355,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
         "layers": records,
         "summary": {"params_original": original, "params_tucker": compressed,
                     "ratio": compressed / original if original else None,
-                    "max_rel_error": max(max(r["pre"]["rel_error"], r["post"]["rel_error"]) for r in records),
+                    "max_rel_error": worst(e for r in records for e in (r["pre"]["rel_error"], r["post"]["rel_error"])),
                     "kv_cache_per_token": {
                         "original": kv_orig,
                         "tucker_max": max(kv_layers),

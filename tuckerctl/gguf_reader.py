@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, require_finite
 from .errors import InputError
+from .strict import regular_file
 
 # GGUF ``general.architecture`` -> (HF model_type, Q/K rows permuted by the converter).
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -89,7 +90,7 @@ class GGUFCheckpoint(Checkpoint):
         if src.minus_one:
             w = w - 1.0
         assert tuple(w.shape) == info.shape
-        return w.to(dtype)
+        return require_finite(w.to(dtype), self.path, name)
 
     def _dequantised(self, t) -> torch.Tensor:
         if self._cache[0] == t.name:
@@ -142,6 +143,7 @@ def _read(path: Path):
         raise InputError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
     if not path.exists():
         raise InputError(f"{path}: no such file")
+    regular_file(path)
     try:
         reader = gguf.GGUFReader(path)
     except OSError as e:
@@ -189,6 +191,10 @@ def _config(path: Path, meta: dict, arch: str, model_type: str) -> dict:
     if H <= 0 or d <= 0 or G <= 0 or layers <= 0:
         raise InputError(f"{path}: GGUF metadata gives d={d}, heads={H}, kv_heads={G}, layers={layers}")
     head_dim = int(get("attention.key_length") or d // H)
+    value_length = get("attention.value_length")
+    if head_dim <= 0 or (value_length is not None and int(value_length) <= 0):
+        raise InputError(f"{path}: GGUF metadata gives head width {head_dim} (d={d}, heads={H}, "
+                         f"value_length={value_length}); must be positive")
     cfg: dict[str, Any] = {
         "model_type": model_type,
         "hidden_size": d,

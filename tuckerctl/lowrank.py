@@ -173,6 +173,12 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, rank={rank if rank is not None else 'dense'}"
 
 
+def _worst(values) -> float:
+    from .verify import worst  # NaN counts as the largest error
+
+    return worst(values)
+
+
 def is_lowrank(path) -> bool:
     from .checkpoint import open_checkpoint
 
@@ -188,9 +194,16 @@ def patch_lowrank(model, path) -> dict:
     with its :class:`LowRankLinear`; returns the checkpoint's metadata record."""
     from .checkpoint import open_checkpoint
     from .hf import projections
+    from .tucker_format import check_digest, digests_of
 
     ckpt = open_checkpoint(Path(path))
     info = json.loads(ckpt.metadata["tuckerctl"])
+    digests = digests_of(path, info)
+
+    def get(name: str):
+        check_digest(ckpt, digests, name)
+        return ckpt.get(name)
+
     mods = projections(model)
     device = next(model.parameters()).device
     for rec in info["layers"]:
@@ -202,10 +215,10 @@ def patch_lowrank(model, path) -> dict:
             old = getattr(parent, attr)
             name = f"{PREFIX}.{i}.{role}"
             if f"{name}.weight" in ckpt:
-                first, second = ckpt.get(f"{name}.weight"), None
+                first, second = get(f"{name}.weight"), None
             else:
-                first, second = ckpt.get(f"{name}.down"), ckpt.get(f"{name}.up")
-            bias = ckpt.get(f"{name}.bias") if f"{name}.bias" in ckpt else None
+                first, second = get(f"{name}.down"), get(f"{name}.up")
+            bias = get(f"{name}.bias") if f"{name}.bias" in ckpt else None
             if first.shape[0] not in (old.in_features, old.in_features + 1):
                 raise InputError(f"{path}: tensor {name} has {first.shape[0]} input rows, the model's "
                                  f"{attr} takes {old.in_features}")
@@ -302,7 +315,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
     compressed = sum(r["params"] for r in records)
     summary = {"params_original": original, "params_compressed": compressed,
                "ratio": compressed / original if original else None,
-               "max_rel_error": max(r[role]["rel_error"] for r in records for role in ROLES),
+               "max_rel_error": _worst(r[role]["rel_error"] for r in records for role in ROLES),
                "kv_cache_per_token": {
                    "original": spec.kv_heads * (spec.head_dim + spec.value_dim),
                    "compressed": spec.kv_heads * (spec.head_dim + spec.value_dim)}}

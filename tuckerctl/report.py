@@ -24,6 +24,7 @@ from .errors import InputError
 from .io import atomic_write
 from .outputs import claim, file_mode
 from .pareto import MODE_NAMES, TENSORS
+from .strict import loads_strict, regular_file
 
 SCHEMA = "tuckerctl.analysis/2"
 SET_SCHEMA = "tuckerctl.analyses/1"  # several analyses in one document: {"models": [...]}
@@ -242,16 +243,18 @@ def load_analysis(path) -> dict:
 
 def _read_json(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
+        text = regular_file(path).read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a UTF-8 text file (expected analysis JSON)") from None
     try:
-        doc = json.loads(text)
+        json.loads(text)  # for the position of a syntax error
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    return doc
+    except RecursionError:
+        pass  # reported by loads_strict
+    return loads_strict(text, str(path), constants=True)  # validate_analysis names a NaN's field
 
 
 # ----------------------------------------------------------------------------- report
@@ -580,8 +583,17 @@ def _figure_list(stems: list[str], names: list[str]) -> list[tuple[str, str, str
     return out
 
 
+def _md(s) -> str:
+    """Text from the analysis (paths, names, notes) as literal Markdown: what could make a
+    link, image, table cell or HTML tag is escaped, control characters are shown, and it
+    stays on one line."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
+    text = re.sub(r"([\\\[\]|])", r"\\\1", text)
+    return text.replace("<", "&lt;")
+
+
 def _md_cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    return _md(s)
 
 
 def _md_table(header, rows) -> list[str]:
@@ -592,16 +604,16 @@ def _md_table(header, rows) -> list[str]:
 
 def _markdown(pair, names, tradeoffs, stems, formats) -> str:
     title = " vs ".join(names)
-    lines = [f"# tuckerctl report: {title}", "",
+    lines = [f"# tuckerctl report: {_md(title)}", "",
              f"Written by tuckerctl {__version__} from analysis schema `{SCHEMA}`. "
              "Rank cells read `r(τ1)/r(τ2)/r(τ3) · numerical rank/ceiling`.", ""]
     for i, (a, name, t) in enumerate(zip(pair, names, tradeoffs)):
         tag = "" if len(pair) == 1 else f" {'ABCD'[i]}"
-        lines += [f"## Model{tag}: {name}", ""]
+        lines += [f"## Model{tag}: {_md(name)}", ""]
         lines += _md_table(["field", "value"], _model_rows(a)) + [""]
         for note in a["model"].get("notes", []):
-            lines.append(f"> note: {note}")
-        lines += ["", "### Verdicts", ""] + [f"- {v}" for v in a["summary"]["verdicts"]] + [""]
+            lines.append(f"> note: {_md(note)}")
+        lines += ["", "### Verdicts", ""] + [f"- {_md(v)}" for v in a["summary"]["verdicts"]] + [""]
         lines += ["### Per-layer ranks", ""] + _md_table(*_rank_table(a)) + [""]
         lines += ["### Error against parameters (" + _kind(t) + ")", ""] + _md_table(*_tradeoff_rows(a, t)) + [""]
     lines += ["## Figures", ""]

@@ -61,6 +61,7 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError
 from .outputs import claim, dumps_strict
+from .strict import loads_strict
 
 SCHEMA = "tuckerctl.tucker/1"
 TUCKER, QK_INPUT = "tucker", "qk_input"  # structures of the pre-softmax tensor
@@ -175,6 +176,9 @@ def write_checkpoint(out_dir: Path, source: Checkpoint, replaced: set[str], fact
     for name, t in factors.items():
         entries.append(_Entry(name, _TORCH_DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
                               tensor=t))
+    # Per-tensor sha256 of the written factor bytes: load()/verify recompute them, so bytes
+    # overwritten after writing (even with finite values) are caught.
+    info["digests"] = {e.name: hashlib.sha256(e.data()).hexdigest() for e in entries if e.tensor is not None}
     metadata = {"format": "pt", "tuckerctl": dumps_strict(info, "compressed metadata")}
     with target.staging() as tmp:
         groups = _shards(entries, shard_bytes)
@@ -246,6 +250,25 @@ class MissingLayer(InputError, KeyError):
     __str__ = Exception.__str__  # KeyError would quote the message
 
 
+def digests_of(path, info: dict) -> dict:
+    """The per-tensor sha256 digests of a compressed checkpoint's metadata record."""
+    digests = info.get("digests") if isinstance(info, dict) else None
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise InputError(f"{path}: 'tuckerctl' metadata has no per-tensor digests (altered, or written "
+                         f"before digests existed: compress again)")
+    return digests
+
+
+def check_digest(ckpt: Checkpoint, digests: dict, name: str) -> None:
+    """InputError unless the stored bytes of tensor ``name`` hash to the digest written with them."""
+    want = digests.get(name)
+    if want is None:
+        raise InputError(f"{ckpt.path}: tensor {name!r} has no digest in the metadata (altered checkpoint)")
+    if hashlib.sha256(ckpt.raw_bytes(name)).hexdigest() != want:
+        raise InputError(f"{ckpt.path}: tensor {name!r} does not match its sha256 digest "
+                         f"(corrupted or altered bytes)")
+
+
 class TuckerCheckpoint(Sequence):
     """A compressed checkpoint opened lazily (``tuckerctl.load``): a sequence of its
     layers in order (``len``, ``ck[k]``, negative positions, slices, iteration; a
@@ -258,14 +281,24 @@ class TuckerCheckpoint(Sequence):
         raw = self.ckpt.metadata.get("tuckerctl")
         if raw is None:
             raise InputError(f"{self.path}: not a tuckerctl checkpoint (no 'tuckerctl' metadata)")
-        try:
-            self.info = json.loads(raw)
-        except ValueError:
-            raise InputError(f"{self.path}: corrupted 'tuckerctl' metadata (not JSON)") from None
-        if self.info.get("schema") != SCHEMA:
-            raise InputError(f"{self.path}: unsupported schema {self.info.get('schema')!r} (expected {SCHEMA})")
-        self.spec: dict = self.info["model"]
-        self._layers = {rec["index"]: rec for rec in self.info["layers"]}
+        self.info = loads_strict(raw, f"{self.path}: 'tuckerctl' metadata")
+        if not isinstance(self.info, dict) or self.info.get("schema") != SCHEMA:
+            schema = self.info.get("schema") if isinstance(self.info, dict) else None
+            raise InputError(f"{self.path}: unsupported schema {schema!r} (expected {SCHEMA})")
+        self.spec, layers, self._digests = (self.info.get(k) for k in ("model", "layers", "digests"))
+        if not isinstance(self.spec, dict):
+            raise InputError(f"{self.path}: 'tuckerctl' metadata field 'model' must be an object")
+        if not isinstance(layers, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("index"), int) and not isinstance(r["index"], bool)
+                and all(isinstance(r.get(k, {}), dict) for k in ("pre", "post")) for r in layers):
+            raise InputError(f"{self.path}: 'tuckerctl' metadata field 'layers' must be a list of layer records "
+                             f"with an integer 'index'")
+        digests_of(self.path, self.info)
+        self._layers = {rec["index"]: rec for rec in layers}
+
+    def check_digest(self, name: str) -> None:
+        """InputError unless the stored bytes of ``name`` hash to the digest written with them."""
+        check_digest(self.ckpt, self._digests, name)
 
     @property
     def source_config(self) -> dict | None:
@@ -284,6 +317,7 @@ class TuckerCheckpoint(Sequence):
             raise MissingLayer(f"{self.path}: layer {i} is not in this checkpoint (has {self.layers})")
 
         def get(name):
+            self.check_digest(name)
             return self.ckpt.get(name, dtype).to(device)
 
         structure = self._layers[i].get("structure", TUCKER)

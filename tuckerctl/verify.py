@@ -14,6 +14,7 @@ RoPE and ALiBi lie outside both, so they are left out of both.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -97,9 +98,15 @@ def tucker_logits(core, factors, x, scale) -> torch.Tensor:
     return scale * (P @ M) @ K.T
 
 
+def worst(values) -> float:
+    """The largest value, NaN counting as the largest (``max`` keeps or drops NaN by position)."""
+    vals = [float(v) for v in values]
+    return float("nan") if any(math.isnan(v) for v in vals) else max(vals, default=0.0)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float("inf")
+        return float("nan")  # reported as corruption by the caller
     den = b.norm()
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
@@ -174,8 +181,13 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
             "logits_rel_error": _rel(tucker_logits(pre_core, pre_factors, x, scale), logits),
             "output_rel_error": _rel(y_hat, y),
         }
-        worst = max(row["pre"]["rel_error"], row["post"]["rel_error"])
-        row["ok"] = None if max_error is None else worst <= max_error  # None: nothing was checked
+        for what, v in (("pre weight", row["pre"]["rel_error"]), ("post weight", row["post"]["rel_error"]),
+                        ("logits", row["logits_rel_error"]), ("output", row["output_rel_error"])):
+            if not math.isfinite(v):
+                raise InputError(f"{tk.path}: layer {layer.index}: the {what} error is not finite "
+                                 f"(corrupted checkpoint or source)")
+        layer_worst = worst([row["pre"]["rel_error"], row["post"]["rel_error"]])
+        row["ok"] = None if max_error is None else layer_worst <= max_error  # None: nothing was checked
         rows.append(row)
         if progress:
             progress(k + 1, len(tk.layers))
@@ -188,6 +200,6 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
                      "causal": causal},
         "layers": rows,
         "passed": None if max_error is None else all(r["ok"] for r in rows),
-        "max_rel_error": max((max(r["pre"]["rel_error"], r["post"]["rel_error"]) for r in rows), default=0.0),
+        "max_rel_error": worst(e for r in rows for e in (r["pre"]["rel_error"], r["post"]["rel_error"])),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -62,6 +62,8 @@ def detect(ckpt: Checkpoint, heads: int | None = None, kv_heads: int | None = No
             for alias in _ALIASES[key]:
                 cfg[alias] = value
     family = family or cfg.get("model_type")
+    if family is not None and not isinstance(family, str):
+        raise InputError(f"{ckpt.path}: config field 'model_type' must be a string, got {family!r}")
     if family:
         adapter = family_adapter(family)
         cfg.setdefault("model_type", family)

@@ -159,8 +159,9 @@ def layer_stack(ckpt: Checkpoint, cfg: dict, family: str, stack: str, leaf: str)
     present = sorted(i for i in found if layers is None or i < layers)
     if layers is None:
         layers = len(present)
-    if present != list(range(layers)):
-        missing = min(set(range(layers)) - set(present))
+    if len(present) != layers or present != list(range(layers)):  # length first: never build range(10^12)
+        have = set(present)  # the first gap, without building range(layers): a config may claim 10^12
+        missing = next(i for i in range(len(present) + 1) if i not in have)
         raise InputError(f"{ckpt.path}: missing tensor '{prefix}{stack}{missing}.{leaf}' "
                          f"(expected {layers} layers)")
     return prefix, layers
