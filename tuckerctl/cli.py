@@ -464,7 +464,7 @@ def heal(
                              "written atomically)."),
     tokens: int = typer.Option(8192, "--tokens", help="Tokens of the text to use (from its start)."),
     steps: int = typer.Option(100, "--steps", help="Optimiser steps per layer."),
-    lr: float = typer.Option(0.03, "--lr", help="Peak step size relative to each tensor's RMS."),
+    lr: float = typer.Option(0.01, "--lr", help="Peak step size relative to each tensor's RMS."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
     batch: int = typer.Option(4, "--batch", help="Windows per step."),
     seed: int = typer.Option(0, "--seed", help="Seed of the window order."),

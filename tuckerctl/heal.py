@@ -241,6 +241,7 @@ def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: in
                seed: int = 0, tick: Callable[[], None] | None = None) -> dict:
     """Train ``student``'s Tucker factors in place on ``train`` batches; keep the iterate
     with the lowest held-out loss on ``val``. Returns the layer's loss record."""
+    retract(student)  # fix the gauge first: step sizes below are relative to the orthonormal-factor scales
     params = list(factor_tensors(student).values())
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))} for p in params]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
@@ -315,7 +316,7 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
     return chunk(train_idx), chunk(val_idx)
 
 
-def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.03,
+def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.01,
          seq_len: int = 256, batch: int = 4, device: str = "auto", overwrite: bool = False, seed: int = 0,
          progress: Callable[[int, int], None] | None = None) -> dict:
     """Heal the compressed checkpoint ``compressed`` against its original ``against`` on the
