@@ -216,3 +216,22 @@ def test_interrupted_heal_leaves_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         heal(comp, src, text, tmp_path / "out", tokens=1024, steps=2, seq_len=128, device="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_healed_checkpoint_exports_to_the_stock_architecture(tiny, healed, tmp_path):
+    """export reads a healed checkpoint like any other: the folder loads with plain transformers
+    and, where export reports no split error, gives the patched healed model's logits."""
+    from tuckerctl.export import export
+
+    src, _, _, ids = tiny
+    out, _ = healed
+    doc = export(out, tmp_path / "hf")
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    patched = tuckerctl.patch(tf.LlamaForCausalLM.from_pretrained(src).eval(), out)
+    with torch.no_grad():
+        got, want = stock(input_ids=ids).logits, patched(input_ids=ids).logits
+    assert torch.isfinite(got).all()
+    if doc["max_export_error"] <= 1e-6:
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    else:  # the head mode of the value-output tensor was truncated: export says by how much
+        assert rel_err(got.double(), want.double()) < 1.0

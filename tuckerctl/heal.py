@@ -406,5 +406,5 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         "healed (tuckerctl heal): the factors were trained on real hidden states, so the per-layer weight "
         "errors recorded at compression no longer describe them; tuckerctl verify measures the current ones")
     info["healing"] = healing
-    write_checkpoint(out, tk.ckpt, set(factors), factors, info, overwrite=overwrite)
+    write_checkpoint(out, tk.ckpt, set(factors), factors, info, overwrite=overwrite, config=tk.source_config)
     return healing
