@@ -75,3 +75,31 @@ def test_compressed_directory_is_refused_by_transformers(tmp_path_factory, tmp_p
                           "tf.AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "tuckerctl" in res.stderr
+
+
+def _tree(root):
+    """Every path under ``root`` with its bytes (files) or None (directories)."""
+    return {p.relative_to(root): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_export_output_is_claimed_before_any_work(tmp_path_factory, tmp_path):
+    from tuckerctl.errors import InputError
+
+    _, path = source("llama_gqa_bias", tmp_path_factory)
+    compress(path, tmp_path / "out", ranks=CEILING, hooi_iters=0, device="cpu", dtype="float32")
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("not tuckerctl's")
+    before = _tree(tmp_path)
+    for target, overwrite in [(tmp_path / "out", True), (tmp_path / "out" / "hf", True), (tmp_path, True),
+                              (unrelated, True), (unrelated, False), (tmp_path / "out" / "config.json", True)]:
+        with pytest.raises(InputError):
+            export(tmp_path / "out", target, overwrite=overwrite)
+        assert _tree(tmp_path) == before, target  # nothing of the input, or anything else, touched
+    export(tmp_path / "out", tmp_path / "hf")
+    with pytest.raises(InputError, match="already exists|--overwrite"):
+        export(tmp_path / "out", tmp_path / "hf")
+    first = _tree(tmp_path / "hf")
+    export(tmp_path / "out", tmp_path / "hf", overwrite=True)  # an earlier export may be replaced
+    assert _tree(tmp_path / "hf").keys() == first.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mine", "out"]  # no temp or backup left

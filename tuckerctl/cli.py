@@ -511,6 +511,7 @@ def export(
     """
     from .export import export as run
 
+    output = claim_json(output, [compressed, out], overwrite)
     doc = run(compressed, out, overwrite=overwrite)
     if not quiet:
         err.print(f"wrote {out}/ (loads with transformers' from_pretrained); largest per-layer error added by the "

@@ -19,14 +19,13 @@ stock architecture (serving engines, fine-tuning, quantisers).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
+from .outputs import claim
 from .tucker_format import AUX_FILES, QK_INPUT, TENSOR_PREFIX, TuckerLayer, load
 
 SCHEMA = "tuckerctl.export/1"
@@ -144,14 +143,12 @@ def export(compressed, out, *, overwrite: bool = False, progress=None) -> dict:
     own projections. Returns the export record (per-layer split errors)."""
     from safetensors.torch import save_file
 
+    src = Path(compressed)
+    src_dir = src if src.is_dir() else src.parent
+    # refuse before any work: never over, into or around the input; replace only an earlier export
+    target = claim(out, "export", inputs=[src_dir], overwrite=overwrite)
     tk = load(compressed)
     out = Path(out)
-    src_dir = tk.path if tk.path.is_dir() else tk.path.parent
-    if out.resolve() == src_dir.resolve() or src_dir.resolve() in out.resolve().parents \
-            or out.resolve() in src_dir.resolve().parents:
-        raise InputError(f"{out}: refusing to write over, into or around the input {src_dir}")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (use --overwrite to replace it)")
     config = tk.source_config
     if not config:
         raise InputError(f"{tk.path}: no source config.json recorded; cannot build a transformers directory")
@@ -176,27 +173,14 @@ def export(compressed, out, *, overwrite: bool = False, progress=None) -> dict:
         layers.append({"index": i, "export_error": errors})
         if progress:
             progress(k + 1, len(tk.layers))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with target.staging() as tmp:
+        save_file(state, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "tuckerctl_export": json.dumps({"schema": SCHEMA, "family": family})})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for fname in AUX_FILES:
             if (src_dir / fname).is_file():
                 shutil.copyfile(src_dir / fname, tmp / fname)
         notes += _gguf_tokenizer(tk.info.get("source", {}), tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     worst = max((max(r["export_error"].values()) for r in layers), default=0.0)
     return {"schema": SCHEMA, "compressed": str(compressed), "out": str(out), "family": family,
             "layers": layers, "max_export_error": worst,

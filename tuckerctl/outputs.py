@@ -187,9 +187,16 @@ def _is_tuckerctl_report(path: Path) -> bool:
         return False
 
 
+def _is_tuckerctl_export(path: Path) -> bool:
+    names = _only(path, _CHECKPOINT_FILES)
+    return bool(names) and "model.safetensors" in names and \
+        "tuckerctl_export" in (safetensors_metadata(path / "model.safetensors") or {})
+
+
 register_kind("json", False, _is_tuckerctl_json, "tuckerctl JSON document")
 register_kind("checkpoint", True, _is_tuckerctl_checkpoint, "tuckerctl checkpoint directory")
 register_kind("report", True, _is_tuckerctl_report, "tuckerctl report directory")
+register_kind("export", True, _is_tuckerctl_export, "transformers directory written by tuckerctl export")
 
 
 # ------------------------------------------------------------------ inputs
