@@ -235,3 +235,25 @@ def test_healed_checkpoint_exports_to_the_stock_architecture(tiny, healed, tmp_p
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     else:  # the head mode of the value-output tensor was truncated: export says by how much
         assert rel_err(got.double(), want.double()) < 1.0
+
+
+def test_heal_output_and_options_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    from oracle import run_cli
+
+    import tuckerctl.heal as module
+
+    def never(*a, **k):
+        raise AssertionError("heal ran although its arguments are refused")
+
+    monkeypatch.setattr(module, "heal", never)
+    src, comp, text, _ = tiny
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not tuckerctl's")
+    base = [comp, "--against", src, "--text", text]
+    for args, needle in (([*base, "-o", comp / "inside"], "input"), ([*base, "-o", src], "input"),
+                         ([*base, "-o", tmp_path / "mine", "--overwrite"], "mine"),
+                         ([*base, "-o", tmp_path / "y", "--steps", "0"], "--steps"),
+                         ([*base, "-o", tmp_path / "y", "--lr", "nan"], "--lr")):
+        res = run_cli("heal", *args)
+        assert res.code == 2 and needle in res.stderr, (args, res.stderr)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not tuckerctl's" and not (tmp_path / "y").exists()

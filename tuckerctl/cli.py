@@ -7,6 +7,7 @@ progress on stderr (progress only on a TTY); exit 0 success, 1 a check failed,
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -481,6 +482,14 @@ def heal(
     """
     from .heal import heal as run
 
+    options.device(device)
+    options.positive_int(tokens, "--tokens")
+    options.positive_int(steps, "--steps")
+    options.positive_int(seq_len, "--seq-len")
+    options.positive_int(batch, "--batch")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr: expected a positive number, got {lr}")
+    claim(out, "checkpoint", inputs=[compressed, against, text], overwrite=overwrite)  # refuse before any work
     output = claim_json(output, [compressed, against, text, out], overwrite)
     callback, ctx = _progress(quiet, "heal", unit="steps")
     with ctx:  # Ctrl-C / SIGTERM: nothing is written until the end, atomically
