@@ -28,6 +28,7 @@ from .analysis import MODE_NAMES, rope_setting
 from .checkpoint import open_checkpoint
 from .device import resolve_device
 from .rope import DEFAULT_OFFSETS
+from .verify import worst as worst_of
 
 MAX_ELEMENTS = 1 << 24  # 16 Mi numbers = 128 MB per dense float64 tensor (all offsets together)
 TOLERANCE = 1e-6  # relative to sigma_1; the structured float64 paths agree to ~1e-12
@@ -119,7 +120,7 @@ def cross_check(path, doc: dict, *, config=None, heads=None, kv_heads=None, head
             row[key] = {name: deviation(rec[key]["modes"][name]["singular_values"], sv)
                         for name, sv in zip(MODE_NAMES[key], dense_spectra(X, offsets[key]))}
         rows.append(row)
-    worst = max((v for r in rows for key in MODE_NAMES if key in r for v in r[key].values()), default=0.0)
+    worst = worst_of(v for r in rows for key in MODE_NAMES if key in r for v in r[key].values())  # NaN counts
     return {"engine": "tensorly", "max_elements": max_elements, "tolerance": tolerance,
             "rope_offsets": offsets["pre"], "layers": rows, "skipped": skipped, "max_deviation": worst,
             "passed": worst <= tolerance, "seconds": round(time.perf_counter() - start, 3)}
