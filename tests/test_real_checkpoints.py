@@ -80,3 +80,30 @@ def test_smollm2_full_rank_compression_is_exact(tmp_path):
     doc = json.loads(res.stdout)
     assert doc["check"]["passed"] and doc["check"]["max_rel_error"] <= 1e-6
     assert len(doc["check"]["layers"]) == 30
+
+
+@needs_smol
+def test_gguf_source_is_named_by_its_general_name():
+    import gguf
+
+    from tuckerctl.checkpoint import open_checkpoint
+
+    (path,) = SMOL.glob("*.gguf")
+    field = gguf.GGUFReader(path).fields["general.name"]  # read by gguf-py, the independent reader
+    want = bytes(field.parts[field.data[0]]).decode()
+    assert open_checkpoint(path).name == want != path.stem
+
+
+def test_config_name_or_path_names_the_model(tmp_path):
+    import shutil
+
+    from tuckerctl.checkpoint import open_checkpoint
+
+    example = Path(__file__).parents[1] / "examples" / "tiny-gqa"
+    shutil.copytree(example, tmp_path / "snap")
+    config = json.loads((tmp_path / "snap" / "config.json").read_text())
+    (tmp_path / "snap" / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-gqa-v2"}))
+    assert open_checkpoint(tmp_path / "snap").name == "org/tiny-gqa-v2"
+    config["_name_or_path"] = "/abs/local/path"  # a local path says nothing: fall back to the folder name
+    (tmp_path / "snap" / "config.json").write_text(json.dumps(config))
+    assert open_checkpoint(tmp_path / "snap").name == "snap"
