@@ -10,9 +10,6 @@ Llama runs with every position id at 0, so RoPE is the identity there.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 import transformers as tf
@@ -431,27 +428,6 @@ def test_constructor_validates_shapes(llama):
 
 
 # ------------------------------------------------------------------ from_checkpoint
-
-def test_from_checkpoint_plumbing(llama, llama_full, x_batch, monkeypatch):
-    """from_checkpoint passes read_layer's tuple through from_tucker (a stand-in reader)."""
-    _, spec, layer, _ = llama
-    pre, post = full_rank(layer)
-    seen = []
-
-    def read_layer(path, i):
-        seen.append((path, i))
-        return (spec.as_dict(), pre.core.float(), [u.float() for u in pre.factors],
-                post.core.float(), [u.float() for u in post.factors], layer.out_bias)
-
-    fake = types.ModuleType("tuckerctl.tucker_format")
-    fake.read_layer = read_layer
-    monkeypatch.setitem(sys.modules, "tuckerctl.tucker_format", fake)
-    attn = TuckerAttention.from_checkpoint("model.tucker.safetensors", 1, device="cpu")
-    assert seen == [("model.tucker.safetensors", 1)]
-    assert attn.pre_core.dtype == torch.float32 and attn.causal
-    y = attn(x_batch.float()).detach().double()
-    assert rel_err(y, llama_full(x_batch).detach()) <= 1e-5
-
 
 def test_from_checkpoint_round_trip(llama, tmp_path):
     """Factors written with tucker_format.write_checkpoint, read back by from_checkpoint,

@@ -83,9 +83,13 @@ def compress_choice(ranks, ranks_post, energy, params, hooi_iters: int = 0, dtyp
         raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(STORE_DTYPES)}")
 
 
+REPORT_FORMATS = ("png", "svg", "pdf", "csv")  # figures, and ranks.csv
+
+
 def formats(text: str) -> tuple[str, ...]:
+    """``report --format``: ``"png,csv"`` -> ("png", "csv")."""
     fmts = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()))
-    bad = [f for f in fmts if f not in ("png", "svg", "pdf")]
+    bad = [f for f in fmts if f not in REPORT_FORMATS]
     if bad or not fmts:
-        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of png, svg, pdf")
+        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(REPORT_FORMATS)}")
     return fmts
