@@ -204,8 +204,11 @@ def ensure_model(workdir: Path, key: str, layers: int, log, device: str = "cpu")
     model.mkdir(exist_ok=True)
     for i in range(layers):
         link = model / f"layer-{i:03d}.safetensors"
-        if not link.exists():
-            os.symlink(os.path.relpath(shards / link.name, model), link)
+        link.unlink(missing_ok=True)  # re-linked each time: the layer files may have been regenerated
+        try:  # a hard link: inside the model folder (the reader refuses symlinks leading out of it)
+            os.link(shards / link.name, link)
+        except OSError:  # another file system: copy
+            shutil.copyfile(shards / link.name, link)
     (model / "config.json").write_text(json.dumps(config_for(key, layers), indent=2))
     total = sum((shards / f"layer-{i:03d}.safetensors").stat().st_size for i in range(layers))
     (model / "model.safetensors.index.json").write_text(json.dumps(
