@@ -360,7 +360,6 @@ def compress(
     elif doc.get("warnings"):  # a result bigger than its source is worth a line even when quiet
         for warning in doc["warnings"]:
             err.print(f"warning: {warning}", highlight=False)
-    check = check and method == "tucker"  # verify checks Tucker factors; svd records its errors itself
     if check:
         callback, ctx = _progress(quiet, "verify")
         with ctx:

@@ -128,12 +128,15 @@ def print_verify(doc: dict, console: Console) -> None:
                         f"({doc['settings']['tokens']} random tokens"
                         + (f", max error {limit:g}" if limit is not None else "") + ")",
                   title_justify="left")
-    cols = ("layer", "pre ranks", "pre error", "post ranks", "post error", "logits error", "output error")
+    svd = doc.get("method") == "svd"
+    cols = ("layer", "q×k ranks" if svd else "pre ranks", "pre error", "v×o ranks" if svd else "post ranks",
+            "post error", "logits error", "output error")
     for col in cols + (("",) if limit is not None else ()):
         table.add_column(col, justify="right")
     for r in doc["layers"]:
-        row = [str(r["index"]), "×".join(map(str, r["pre"]["ranks"])), f"{r['pre']['rel_error']:.3g}",
-               "×".join(map(str, r["post"]["ranks"])), f"{r['post']['rel_error']:.3g}",
+        ranks = lambda rs: "×".join("full" if x is None else str(x) for x in rs)  # noqa: E731  svd: None = kept dense
+        row = [str(r["index"]), ranks(r["pre"]["ranks"]), f"{r['pre']['rel_error']:.3g}",
+               ranks(r["post"]["ranks"]), f"{r['post']['rel_error']:.3g}",
                f"{r['logits_rel_error']:.3g}", f"{r['output_rel_error']:.3g}"]
         if limit is not None:  # without a bound nothing was checked: no ok/FAIL column
             row.append("[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]")
