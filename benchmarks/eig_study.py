@@ -147,7 +147,7 @@ def study_accuracy(out, log, key="llama3-70b"):
     import run as bench
 
     from tuckerctl.adapters import detect
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
     from tuckerctl.multilinear import mode_spectra
 
     with tempfile.TemporaryDirectory() as tmp:

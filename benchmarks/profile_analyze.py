@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import run as bench  # noqa: E402
 import torch  # noqa: E402
 
-from tuckerctl import analysis  # noqa: E402
+from tuckerctl import analysis, loader  # noqa: E402
 from tuckerctl.adapters import detect  # noqa: E402
-from tuckerctl.checkpoint import open_checkpoint  # noqa: E402
+from tuckerctl.loader import open_checkpoint  # noqa: E402
 
 
 def now(dev):
@@ -47,7 +47,7 @@ def profile(key, layers, workdir, dev, log, out):
         adapter.layer(ckpt, spec, i)
     rec["read_s"] = now(dev) - t
     t = now(dev)
-    held = list(analysis.iter_layers(adapter, ckpt, spec, idx[:4], dev))
+    held = list(loader.iter_layers(adapter, ckpt, spec, idx[:4], dev))
     rec["read_upload_4_s"] = now(dev) - t
     solver = analysis.SpectraSolver(dev, 1)
     starts, solves, finishes = [], [], []

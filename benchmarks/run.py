@@ -496,7 +496,7 @@ def task_compare(t: dict, dev: torch.device) -> dict:
 
     Structured first (its peak memory is then the process peak so far), dense second."""
     from tuckerctl.adapters import detect
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
     from tuckerctl.multilinear import clamp_ranks, mode_spectra, tucker
 
     ckpt = open_checkpoint(t["path"])

@@ -21,8 +21,8 @@ import transformers as tf
 from oracle import build_case, capture, rebuild_attention, rel_err
 
 from tuckerctl.adapters import detect
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 
 N = 7
 VOCAB = 64

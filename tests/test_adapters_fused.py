@@ -26,8 +26,8 @@ from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import separate_layer
 from tuckerctl.adapters.fused import split_contiguous
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 
 N = 7
 VOCAB = 64

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tuckerctl.adapters import detect
 from tuckerctl.adapters.base import find_layers
-from tuckerctl.checkpoint import open_checkpoint
+from tuckerctl.loader import open_checkpoint
 from tuckerctl.multilinear import HeadStack
 
 N_TOKENS = 7

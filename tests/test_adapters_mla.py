@@ -25,7 +25,7 @@ from oracle import capture, one_line_error, rel_err, save_tiny
 from safetensors.torch import load_file, save_file
 
 from tuckerctl.adapters import detect, mla
-from tuckerctl.checkpoint import open_checkpoint
+from tuckerctl.loader import open_checkpoint
 from tuckerctl.multilinear import HeadStack, mode_spectra
 
 N_TOKENS = 7

@@ -115,7 +115,7 @@ def test_calibrated_tucker_beats_uncalibrated_on_held_out_inputs(tmp_path):
     with torch.no_grad():
         hs = [model(input_ids=w[None], output_hidden_states=True).hidden_states for w in windows(test_ids, 300)]
     from tuckerctl.adapters import detect
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
 
     ckpt = open_checkpoint(tmp_path / "m")
     adapter, spec = detect(ckpt)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 
 
 def write(path, tensors, metadata=None):

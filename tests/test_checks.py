@@ -16,9 +16,9 @@ from test_data_safety import _cli
 from test_hostile import one_line_exit2
 
 import tuckerctl
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.compress import compress
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 from tuckerctl.outputs import dumps_strict
 from tuckerctl.verify import worst
 

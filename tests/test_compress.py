@@ -12,9 +12,9 @@ from safetensors import safe_open
 import tuckerctl
 from tuckerctl.adapters import detect
 from tuckerctl.allocate import TensorSpectra, allocate_budget, feasible, rank_step
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.compress import compress
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 from tuckerctl.multilinear import mode_spectra, reduce
 from tuckerctl.ranks import tucker_params
 from tuckerctl.verify import verify

@@ -17,7 +17,7 @@ from oracle import run_cli
 from tuckerctl import crosscheck
 from tuckerctl.adapters import detect
 from tuckerctl.analysis import analyze
-from tuckerctl.checkpoint import open_checkpoint
+from tuckerctl.loader import open_checkpoint
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny-gqa"
 

@@ -110,7 +110,7 @@ def test_analyze_tradeoff_points_are_the_dense_truncation_errors():
     from tuckerctl import pareto
     from tuckerctl.adapters import detect
     from tuckerctl.analysis import analyze
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
 
     path = Path(__file__).resolve().parent.parent / "examples" / "tiny-gqa"
     doc = analyze(path, device="cpu")

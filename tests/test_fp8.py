@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 NAME = "model.layers.0.self_attn.q_a_proj.weight"

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tuckerctl.adapters import detect
-from tuckerctl.checkpoint import open_checkpoint
 from tuckerctl.errors import InputError
+from tuckerctl.loader import open_checkpoint
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 SLOW = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

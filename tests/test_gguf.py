@@ -24,9 +24,9 @@ transformers = pytest.importorskip("transformers")
 from oracle import capture, rebuild_attention, rel_err, save_tiny  # noqa: E402
 
 from tuckerctl.adapters import detect  # noqa: E402
-from tuckerctl.checkpoint import open_checkpoint  # noqa: E402
 from tuckerctl.errors import InputError  # noqa: E402
 from tuckerctl.gguf_reader import unpermute  # noqa: E402
+from tuckerctl.loader import open_checkpoint  # noqa: E402
 from tuckerctl.multilinear import mode_spectra  # noqa: E402
 
 _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",

@@ -17,7 +17,7 @@ from oracle import rebuild_attention, rel_err, save_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tuckerctl.adapters import detect
-from tuckerctl.checkpoint import open_checkpoint
+from tuckerctl.loader import open_checkpoint
 from tuckerctl.multilinear import tucker
 from tuckerctl.nn import (
     LATENT_ROPE_WARNING,

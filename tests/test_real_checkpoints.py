@@ -86,7 +86,7 @@ def test_smollm2_full_rank_compression_is_exact(tmp_path):
 def test_gguf_source_is_named_by_its_general_name():
     import gguf
 
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
 
     (path,) = SMOL.glob("*.gguf")
     field = gguf.GGUFReader(path).fields["general.name"]  # read by gguf-py, the independent reader
@@ -97,7 +97,7 @@ def test_gguf_source_is_named_by_its_general_name():
 def test_config_name_or_path_names_the_model(tmp_path):
     import shutil
 
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
 
     example = Path(__file__).parents[1] / "examples" / "tiny-gqa"
     shutil.copytree(example, tmp_path / "snap")

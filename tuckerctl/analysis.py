@@ -8,19 +8,19 @@ plus O(d^2) work space, whatever the model size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from . import __version__
 from .adapters import LayerWeights, ModelSpec, detect
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
 from .device import resolve_device
 from .distributed import join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
+from .loader import iter_layers, open_checkpoint
 from .multilinear import frobenius_norm_sq, mode_spectra, reduce
 from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
@@ -45,29 +45,6 @@ def parse_layers(text: str | None, count: int) -> list[int]:
                              f"counted from 0)")
         out.extend(range(lo, hi + 1))
     return sorted(set(out))
-
-
-def iter_layers(adapter, ckpt: Checkpoint, spec: ModelSpec, indices: Iterable[int],
-                device: torch.device | None = None) -> Iterator[LayerWeights]:
-    """Yield layers in order, reading layer i+1 in the background while i is used.
-
-    With a CUDA ``device`` the background thread also uploads the layer (as read,
-    float32), so the main thread only computes."""
-    indices = list(indices)
-
-    def read(i: int) -> LayerWeights:
-        layer = adapter.layer(ckpt, spec, i)
-        if device is None or device.type == "cpu":
-            return layer
-        return replace(layer, pre=layer.pre.to(device=device), post=layer.post.to(device=device),
-                       out_bias=None if layer.out_bias is None else layer.out_bias.to(device))
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, indices[0]) if indices else None
-        for k in range(len(indices)):
-            current = pending.result()
-            pending = pool.submit(read, indices[k + 1]) if k + 1 < len(indices) else None
-            yield current
 
 
 def stored_dtype(ckpt: Checkpoint, layer: LayerWeights) -> str:

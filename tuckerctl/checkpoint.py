@@ -7,7 +7,8 @@ a truncated file or a header that lies about sizes is a one-line :class:`InputEr
 not a crash halfway through an analysis.
 
 GGUF files are read by :mod:`tuckerctl.gguf_reader`, which presents the same
-interface with Hugging Face tensor names and config keys.
+interface with Hugging Face tensor names and config keys; :func:`tuckerctl.loader.open_checkpoint`
+chooses between the two.
 """
 
 from __future__ import annotations
@@ -275,41 +276,20 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
-def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                    revision: str | None = None, attention_only: bool = True) -> Checkpoint:
-    """Open a ``.safetensors`` file, a sharded directory, a directory with one file,
-    a ``.gguf`` file, a Hugging Face cache folder or a Hub model id (``org/name``, at
-    ``revision``; see :mod:`tuckerctl.sources`). ``config`` overrides the
-    ``config.json`` found beside it. ``attention_only``: a Hub download may skip the
-    shards without attention tensors."""
-    from .sources import display_name, resolve
-
-    source = resolve(path, revision, attention_only)
-    path = source.path
-    if path.suffix == ".gguf":
-        from .gguf_reader import open_gguf  # optional dependency
-
-        ckpt = open_gguf(path)
-    else:
-        files, index = _find_files(path)
-        if index is not None:
-            files = _read_index(index, source.partial)
-        tensors: dict[str, TensorInfo] = {}
-        metadata: dict[str, str] = {}
-        for f in files:
-            found, meta = read_header(f)
-            metadata.update(meta)
-            for name, info in found.items():
-                if name in tensors:
-                    raise InputError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
-                tensors[name] = info
-        ckpt = Checkpoint(path=path, tensors=tensors, metadata=metadata)
-        beside = (path if path.is_dir() else path.parent) / "config.json"
-        if config is None and beside.exists():
-            config = beside
-    if config is not None:
-        ckpt.config = load_config(Path(config))
-        ckpt.config_path = Path(config)
-    ckpt.name = display_name(source, ckpt.config, ckpt.metadata)
-    ckpt.revision = revision
-    return ckpt
+def open_safetensors(path: Path, partial: bool = False) -> Checkpoint:
+    """The safetensors checkpoint at ``path`` (a file, a sharded directory with its index, or a
+    directory with one file); ``partial``: an index may name shards that are absent (a Hub
+    download that skipped them). Every header is validated here."""
+    files, index = _find_files(path)
+    if index is not None:
+        files = _read_index(index, partial)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        found, meta = read_header(f)
+        metadata.update(meta)
+        for name, info in found.items():
+            if name in tensors:
+                raise InputError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = info
+    return Checkpoint(path=path, tensors=tensors, metadata=metadata)

@@ -18,12 +18,11 @@ import torch
 from . import __version__
 from .adapters import detect
 from .allocate import TensorSpectra, allocate_budget, allocation_grid, energy_ranks
-from .analysis import iter_layers
-from .checkpoint import open_checkpoint
 from .device import resolve_device
 from .distributed import SINGLE, Group, join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
+from .loader import iter_layers, open_checkpoint
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .options import compress_choice, parse_ranks
 from .outputs import claim

@@ -25,8 +25,8 @@ import torch
 
 from .adapters import detect
 from .analysis import MODE_NAMES, rope_setting
-from .checkpoint import open_checkpoint
 from .device import resolve_device
+from .loader import open_checkpoint
 from .rope import DEFAULT_OFFSETS
 from .verify import worst as worst_of
 

@@ -24,9 +24,9 @@ import torch
 
 from . import __version__
 from .calibrate import read_text, token_ids, windows
-from .checkpoint import open_checkpoint
 from .device import resolve_device
 from .errors import InputError
+from .loader import open_checkpoint
 from .metrics import CausalTally, EncoderTally
 
 SCHEMA = "tuckerctl.eval/1"

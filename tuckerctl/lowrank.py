@@ -180,7 +180,7 @@ def _worst(values) -> float:
 
 
 def is_lowrank(path) -> bool:
-    from .checkpoint import open_checkpoint
+    from .loader import open_checkpoint
 
     raw = open_checkpoint(Path(path)).metadata.get("tuckerctl")
     try:
@@ -192,8 +192,8 @@ def is_lowrank(path) -> bool:
 def patch_lowrank(model, path) -> dict:
     """Replace every projection of ``model`` stored in the low-rank checkpoint ``path``
     with its :class:`LowRankLinear`; returns the checkpoint's metadata record."""
-    from .checkpoint import open_checkpoint
     from .hf import projections
+    from .loader import open_checkpoint
     from .tucker_format import check_digest, digests_of
 
     ckpt = open_checkpoint(Path(path))
@@ -248,8 +248,8 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
     import time
 
     from . import __version__
-    from .analysis import iter_layers
     from .compress import STORE_DTYPES, calibration_record
+    from .loader import iter_layers
     from .tucker_format import content_hash, write_checkpoint
 
     store = STORE_DTYPES[dtype]

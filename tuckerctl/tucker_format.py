@@ -58,8 +58,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
 from .errors import InputError
+from .loader import open_checkpoint
 from .outputs import claim, dumps_strict
 from .strict import loads_strict
 

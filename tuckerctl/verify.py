@@ -22,10 +22,9 @@ import torch
 
 from . import __version__
 from .adapters import detect
-from .analysis import iter_layers
-from .checkpoint import open_checkpoint
 from .device import resolve_device
 from .errors import InputError
+from .loader import iter_layers, open_checkpoint
 from .multilinear import HeadStack
 from .nn import TuckerAttention
 from .options import non_negative
