@@ -14,13 +14,13 @@ from dataclasses import replace
 import torch
 
 from . import __version__
-from .adapters import LayerWeights, ModelSpec, detect
+from .adapters import LayerWeights, ModelSpec
 from .checkpoint import Checkpoint
 from .device import resolve_device
 from .distributed import join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
-from .loader import iter_layers, open_checkpoint
+from .loader import iter_layers, open_model
 from .multilinear import frobenius_norm_sq, mode_spectra, reduce
 from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
@@ -211,8 +211,8 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         raise InputError(f"--tol: {tol} is not in (0, 1)")
     dev = resolve_device(device)
     start = time.perf_counter()
-    ckpt = open_checkpoint(path, config, revision=revision)
-    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    ckpt, adapter, spec = open_model(path, config, revision=revision, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, family=family)
     indices = parse_layers(layers, spec.layers)
     results = []
     noise_model = None
@@ -431,8 +431,8 @@ def source_fields(path, ckpt: Checkpoint) -> dict:
 def inspect(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
             revision: str | None = None) -> dict:
     """What was detected: the model spec and, for the first layer, every tensor read."""
-    ckpt = open_checkpoint(path, config, revision=revision)
-    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    ckpt, adapter, spec = open_model(path, config, revision=revision, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, family=family)
     layer0 = adapter.layer(ckpt, spec, 0)
     return {
         "schema": "tuckerctl.inspect/1",

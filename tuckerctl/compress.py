@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters import detect
 from .allocate import TensorSpectra, allocate_budget, allocation_grid, energy_ranks
 from .device import resolve_device
 from .distributed import SINGLE, Group, join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
-from .loader import iter_layers, open_checkpoint
+from .loader import iter_layers, open_model
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .options import compress_choice, parse_ranks
 from .outputs import claim
@@ -266,8 +265,8 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
     claim(out, "checkpoint", inputs=[path, config], overwrite=overwrite)  # refuse before any work
     dev = resolve_device(device)
     start = time.perf_counter()
-    ckpt = open_checkpoint(path, config, attention_only=False)
-    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    ckpt, adapter, spec = open_model(path, config, attention_only=False, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, family=family)
     kind = choose_structure(spec, structure)
     out = Path(out)
     indices = list(range(spec.layers))

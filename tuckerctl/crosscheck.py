@@ -23,10 +23,9 @@ import time
 
 import torch
 
-from .adapters import detect
 from .analysis import MODE_NAMES, rope_setting
 from .device import resolve_device
-from .loader import open_checkpoint
+from .loader import open_model
 from .rope import DEFAULT_OFFSETS
 from .verify import worst as worst_of
 
@@ -94,8 +93,8 @@ def cross_check(path, doc: dict, *, config=None, heads=None, kv_heads=None, head
     listed under ``skipped``, and layers with nothing to check are never read."""
     start = time.perf_counter()
     dev = resolve_device(device)
-    ckpt = open_checkpoint(path, config, revision=revision)
-    adapter, spec = detect(ckpt, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family)
+    ckpt, adapter, spec = open_model(path, config, revision=revision, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, family=family)
     averaged = rope_setting(spec, rope_offsets)[0] is not None  # as analyze decided for the pre tensor
     model = spec.as_dict()
     offsets = {"pre": rope_offsets if averaged else 1, "post": 1}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -72,9 +73,8 @@ def iter_layers(adapter: Adapter, ckpt: Checkpoint, spec: ModelSpec, indices: It
             yield current
 
 
-@dataclass
-class Model:
-    """An opened checkpoint with its detected family."""
+class Model(NamedTuple):
+    """An opened checkpoint with its detected family (unpacks as ``ckpt, adapter, spec``)."""
 
     ckpt: Checkpoint
     adapter: Adapter
