@@ -59,6 +59,24 @@ def test_exported_directory_loads_without_tuckerctl_and_matches_the_patched_mode
     assert float((got - want)[valid].abs().max() / want[valid].abs().max()) <= 2e-6
 
 
+@pytest.mark.parametrize("name", ["gpt_neox", "falcon_40b", "falcon_7b", "falcon_rw_alibi", "bloom"])
+def test_grouped_fused_layouts_export_exactly_at_the_ceilings(name, tmp_path_factory, tmp_path):
+    """GPT-NeoX, Falcon (GQA, MQA, ALiBi) and Bloom store q/k/v interleaved per KV group: the
+    exported fused tensor loads in transformers and gives the original model's logits
+    (ceiling ranks, so exact to float32 rounding; both models run by transformers)."""
+    original, path = source(name, tmp_path_factory)
+    compress(path, tmp_path / "out", ranks=CEILING, ranks_post=CEILING, hooi_iters=0, device="cpu",
+             dtype="float32")
+    doc = export(tmp_path / "out", tmp_path / "hf")
+    assert doc["max_export_error"] <= 1e-6
+    impl = original.config._attn_implementation
+    reference = type(original).from_pretrained(path, attn_implementation=impl).eval()
+    exported = type(original).from_pretrained(tmp_path / "hf", attn_implementation=impl).eval()
+    kw, valid = inputs(reference)
+    want, got = outputs(reference, kw)[valid], outputs(exported, kw)[valid]
+    assert float((got - want).abs().max() / want.abs().max()) <= 2e-6
+
+
 def test_truncated_value_output_reports_the_split_error(tmp_path_factory, tmp_path):
     # MHA with the head mode of the value-output tensor truncated: each head's map mixes two core
     # slices, of rank up to 32 > d_h = 8, which the stock architecture cannot hold.

@@ -85,6 +85,19 @@ def _linear(factors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor |
     return weight, bias
 
 
+def _fuse_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rows [Q; K; V] (Phi-3, GPT-2): the inverse of the adapters' ``split_contiguous``."""
+    return torch.cat([q, k, v], 0)
+
+
+def _fuse_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Rows per KV group [q_{g,0..r-1}; k_g; v_g] (GPT-NeoX, Bloom, Falcon): the inverse of
+    the adapters' ``split_grouped``; works for weights (rows, d) and biases (rows,)."""
+    rest = q.shape[1:]
+    view = lambda t: t.reshape(groups, -1, k.shape[0] // groups, *rest)  # noqa: E731  (G, heads of g, d_h, ...)
+    return torch.cat([view(q), view(k), view(v)], 1).reshape(-1, *rest)
+
+
 def _projection_tensors(layer: TuckerLayer, spec: dict, family: str) -> tuple[dict[str, torch.Tensor], dict]:
     """{tensor name: value} for one layer in the family's own layout (names from the
     record of the tensors the layer was compressed from)."""
@@ -110,12 +123,11 @@ def _projection_tensors(layer: TuckerLayer, spec: dict, family: str) -> tuple[di
 
     qkv = getattr(adapter, "qkv", "")
     if qkv:  # one fused tensor
-        layout = getattr(adapter, "layout", "grouped")
-        if layout != "contiguous":
-            raise InputError(f"export: the {family!r} fused q/k/v layout ({layout}) is not supported yet")
+        fuse = _fuse_grouped if getattr(adapter, "layout", "grouped") == "grouped" else _fuse_contiguous
+        G = spec["kv_heads"]
         fused_name = next(n for n in weights if n.endswith(f"{qkv}.weight"))
         out_name = next(n for n in weights if n != fused_name)
-        w = torch.cat([wq, wk, wv], 0)
+        w = fuse(wq, wk, wv, G)
         o = wo
         if getattr(adapter, "conv1d", False):
             w, o = w.T.contiguous(), o.T.contiguous()
@@ -123,7 +135,7 @@ def _projection_tensors(layer: TuckerLayer, spec: dict, family: str) -> tuple[di
         if any(b is not None for b in (bq, bk, bv)):
             zeros = lambda n: torch.zeros(n, dtype=wq.dtype)  # noqa: E731
             bias(fused_name[:-len("weight")] + "bias",
-                 torch.cat([b if b is not None else zeros(x.shape[0]) for b, x in ((bq, wq), (bk, wk), (bv, wv))]))
+                 fuse(*(b if b is not None else zeros(x.shape[0]) for b, x in ((bq, wq), (bk, wk), (bv, wv))), G))
         bias(out_name[:-len("weight")] + "bias", parts["out_bias"])
     else:
         if len(weights) != 4:
