@@ -206,3 +206,26 @@ def test_eval_exit_codes_missing_tokenizer_and_bounds(lm, tmp_path):
     res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "100",
               "--max-ppl-ratio", "1000", "--json", "-q")
     assert res.returncode == 0 and json.loads(res.stdout)["checks"]["passed"]
+
+
+def test_compressed_copy_shares_the_weights_and_leaves_the_original(tmp_path_factory, tmp_path):
+    """eval's compressed model is a module-tree copy sharing every tensor: patching it changes
+    its outputs, not the original's, and only the attention projections are new tensors."""
+    from test_patch import inputs, outputs, source
+
+    import tuckerctl
+    from tuckerctl.compress import compress
+    from tuckerctl.evaluate import weight_sharing_copy
+
+    original, path = source("llama_gqa_bias", tmp_path_factory)
+    compress(path, tmp_path / "out", ranks="2,12,8", device="cpu", dtype="float32")
+    model = type(original).from_pretrained(path, attn_implementation="eager").eval()
+    kw, valid = inputs(model)
+    before = outputs(model, kw)
+    small = tuckerctl.patch(weight_sharing_copy(model), tmp_path / "out")
+    assert torch.equal(outputs(model, kw), before)
+    assert float((outputs(small, kw) - before)[valid].abs().max()) > 1e-3  # really compressed
+    old = {p.data_ptr() for p in model.parameters()}
+    new = [n for n, p in small.named_parameters() if p.data_ptr() not in old]
+    assert new and all(".self_attn." in n for n in new), new
+    assert small.lm_head.weight is model.lm_head.weight

@@ -4,8 +4,10 @@ The original (safetensors directory or GGUF file) is loaded with transformers; a
 gets the compressed attention swapped in (Tucker checkpoints through
 :func:`tuckerctl.patch`, per-matrix SVD checkpoints through
 :func:`tuckerctl.lowrank.patch_lowrank`); both run on the same token windows of the
-user's text and are compared window by window (:mod:`tuckerctl.metrics`), so memory is
-two models plus one window's logits.
+user's text and are compared window by window (:mod:`tuckerctl.metrics`). The copy shares
+every weight tensor with the original (only the module tree is copied, and the patch
+replaces modules, never tensors), so memory is one model, the compressed attention and
+one window's logits.
 
 Windows are consecutive and non-overlapping, ``seq_len`` tokens each; in every window
 each token after the first is predicted from the tokens before it in that window.
@@ -59,6 +61,14 @@ def apply_compressed(model, path: Path, info: dict) -> None:
     patch(model, path)
 
 
+def weight_sharing_copy(model):
+    """A copy of ``model``'s module tree that shares every parameter and buffer with it:
+    swapping modules in the copy (as patching does) leaves ``model`` as it was, without a
+    second copy of the weights."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def _check_same_model(info: dict, model, compressed: Path, against: Path) -> None:
     cfg = model.config
     if hasattr(cfg, "get_text_config"):
@@ -106,7 +116,7 @@ def evaluate(compressed, against, text, *, seq_len: int = 512, max_tokens: int |
     if not causal and (max_kld is not None or max_ppl_ratio is not None):
         raise InputError(f"{against}: an encoder has no next-token distribution; --max-kld and "
                          "--max-ppl-ratio apply to causal LMs")
-    small = copy.deepcopy(model)
+    small = weight_sharing_copy(model)
     apply_compressed(small, compressed, info)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:
