@@ -26,10 +26,9 @@ from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
+from .schema import MODE_NAMES, SCHEMA
 from .usage import parse_layer_spec
 
-SCHEMA = "tuckerctl.analysis/2"
-MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
 
 

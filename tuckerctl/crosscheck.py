@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from .analysis import MODE_NAMES, rope_setting
+from .analysis import rope_setting
 from .device import resolve_device
 from .loader import open_model
 from .rope import DEFAULT_OFFSETS
+from .schema import MODE_NAMES
 from .verify import worst as worst_of
 
 MAX_ELEMENTS = 1 << 24  # 16 Mi numbers = 128 MB per dense float64 tensor (all offsets together)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from .pareto import MODE_NAMES, TENSORS
+from .schema import MODE_NAMES, TENSORS
 
 COLORS = ("#0077BB", "#CC3311", "#009988", "#EE7733")
 

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TENSORS = ("pre", "post")
-MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
+from .schema import MODE_NAMES
+
 GQA_ALTERNATIVES = (1, 2, 4, 8)
 
 

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from . import pareto  # noqa: E402
-from .pareto import MODE_NAMES, TENSORS  # noqa: E402
+from .schema import MODE_NAMES, TENSORS  # noqa: E402
 
 DPI = 150
 MAX_HEAD_LAYERS = 6

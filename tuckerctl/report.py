@@ -23,11 +23,9 @@ from . import __version__, interactive, pareto
 from .errors import InputError
 from .io import atomic_write
 from .outputs import claim, file_mode
-from .pareto import MODE_NAMES, TENSORS
+from .schema import MODE_NAMES, SCHEMA, SET_SCHEMA, TENSORS
 from .strict import loads_strict, regular_file
 
-SCHEMA = "tuckerctl.analysis/2"
-SET_SCHEMA = "tuckerctl.analyses/1"  # several analyses in one document: {"models": [...]}
 FORMATS = ("png", "svg", "pdf")
 ATTENTIONS = ("MHA", "GQA", "MQA", "MLA")
 

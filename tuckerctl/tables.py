@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .analysis import MODE_NAMES
 from .errors import printable
+from .schema import MODE_NAMES
 
 
 def lit(value) -> str:
