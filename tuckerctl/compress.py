@@ -331,7 +331,7 @@ def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = No
                         f"({compressed:,} vs {original:,}, ratio {compressed / original:.2f}): lower the ranks, "
                         f"--energy or use --params")
     elem = torch.empty((), dtype=store).element_size()
-    kv_orig = _kv_cache(spec)
+    kv_orig = spec.kv_cache_width
     kv_layers = [r["pre"]["ranks"][2] + r["post"]["ranks"][2] for r in records]
     info = {
         "schema": SCHEMA,
@@ -411,8 +411,3 @@ def calibration_record(calibrate, moments) -> dict | None:
     return {"text": None if calibrate is None else str(calibrate), "tokens": next(iter(moments.values())).tokens}
 
 
-def _kv_cache(spec) -> int:
-    """Numbers cached per token by the original attention (docs/mathematics.md section 3)."""
-    if spec.attention == "MLA":
-        return int(spec.extras.get("kv_lora_rank", 0)) + int(spec.extras.get("qk_rope_head_dim", 0))
-    return spec.kv_heads * (spec.head_dim + spec.value_dim)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+from .ranks import energy_rank
 
 SCHEMA = "tuckerctl.lowrank/1"
 PREFIX = "lowrank.layers"
@@ -104,10 +105,10 @@ def factor(sp: Spectrum, rank: int | None) -> Factored:
     return Factored(down, up, None, weighted, weight)
 
 
-def energy_rank(sp: Spectrum, tau: float) -> int | None:
-    e = (sp.sigma ** 2).cumsum(0)
-    r = int((e < tau * e[-1]).sum()) + 1
-    return None if r >= sp.break_even else min(r, sp.sigma.numel())
+def energy_rank_or_dense(sp: Spectrum, tau: float) -> int | None:
+    """:func:`tuckerctl.ranks.energy_rank` (at least 1), or None (dense) from the break-even rank on."""
+    r = max(1, energy_rank(sp.sigma, tau))
+    return None if r >= sp.break_even else r
 
 
 def allocate(spectra: list[Spectrum], budget: int) -> list[int | None]:
@@ -282,7 +283,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
             raise InputError(f"--params {params}: the tensors kept as they are already use more than that")
         chosen.update(zip(free, allocate([spectra[key] for key in free], budget)))
     else:
-        chosen.update({key: energy_rank(spectra[key], energy) for key in keys if key[1] in roles})
+        chosen.update({key: energy_rank_or_dense(spectra[key], energy) for key in keys if key[1] in roles})
     factors: dict[str, Tensor] = {}
     replaced: set[str] = set()
     records = []
@@ -317,8 +318,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
                "ratio": compressed / original if original else None,
                "max_rel_error": _worst(r[role]["rel_error"] for r in records for role in ROLES),
                "kv_cache_per_token": {
-                   "original": spec.kv_heads * (spec.head_dim + spec.value_dim),
-                   "compressed": spec.kv_heads * (spec.head_dim + spec.value_dim)}}
+                   "original": spec.kv_cache_width, "compressed": spec.kv_cache_width}}
     if calib is not None:
         summary["max_activation_rel_error"] = max(r[role].get("activation_rel_error", 0.0)
                                                   for r in records for role in ROLES)

@@ -447,10 +447,3 @@ def tucker(stack: HeadStack, ranks, hooi_iters: int = 0, eig_dtype: torch.dtype 
         core = _core_reduced(red, U1, V2, V3)
         errors.append(_rel_error(norm_sq, core))
     return Tucker(core, [U1, red.lift_left(V2), red.lift_right(V3)], errors[-1], errors)
-
-
-def tail_bound(spectra: ModeSpectra, ranks) -> float:
-    """Truncated-HOSVD error bound: sqrt(sum_n sum_{i > r_n} sigma_i^2) / ||W||."""
-    total = float((spectra.head.double() ** 2).sum())
-    tail = sum(float((s.double()[int(r):] ** 2).sum()) for s, r in zip(spectra, ranks))
-    return (tail / total) ** 0.5 if total > 0 else 0.0

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ranks import tucker_params
 from .schema import MODE_NAMES
 
 GQA_ALTERNATIVES = (1, 2, 4, 8)
@@ -165,8 +166,7 @@ class Curve:
 
 
 def _tucker_count(tt: TensorTails, r1, r2, r3) -> np.ndarray:
-    H, m, n = tt.shape
-    return tt.layers * (np.asarray(r1) * r2 * r3 + H * np.asarray(r1) + m * np.asarray(r2) + n * np.asarray(r3))
+    return tt.layers * tucker_params(tt.shape, (np.asarray(r1), np.asarray(r2), np.asarray(r3)))
 
 
 def tucker_points(tt: TensorTails, points: int = 24, extra: Sequence[Sequence[int]] = ((), (), ())) -> Curve:
@@ -309,8 +309,7 @@ def exact_curves(analysis: dict, key: str, count: str = "native") -> tuple[Curve
     # Only feasible triples (each rank at most the product of the other two): beyond that the
     # core cannot use the extra columns, and the same error is reached for fewer parameters.
     ok = (r1 <= r2 * r3) & (r2 <= r1 * r3) & (r3 <= r1 * r2)
-    Hm, m, n = shape
-    tucker_params_ = layers * (r1 * r2 * r3 + Hm * r1 + m * r2 + n * r3)
+    tucker_params_ = layers * tucker_params(shape, (r1, r2, r3))
     tucker = Curve(tucker_params_[ok].astype(np.float64), err.ravel()[ok], np.stack([r1, r2, r3], 1)[ok])
     width = int(model["head_dim"]) if key == "pre" else int(model.get("value_dim") or model["head_dim"])
     mla_ok = r1 == H if key == "pre" else (r1 == H) & (r2 == g2.max())

@@ -1,37 +1,42 @@
 """Effective ranks, ceilings and parameter counts (docs/mathematics.md sections 2, 3 and 6).
 
-Pure functions of singular values and shapes; no torch device work, no I/O.
+Pure functions of singular values and shapes (numpy; torch only inside :func:`mode_summary`),
+no I/O: ``report`` and ``pareto`` use them without importing torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 DEFAULT_ENERGY = (0.9, 0.99, 0.999)
 
 
+def _values(sigma) -> np.ndarray:
+    """float64 numpy copy of a list, array or (any-device) torch tensor of singular values."""
+    if hasattr(sigma, "detach"):
+        sigma = sigma.detach().cpu().double().numpy()
+    return np.asarray(sigma, dtype=np.float64)
+
 
 def energy_rank(sigma: Sequence[float], tau: float) -> int:
-    """Smallest r with sum_{i<=r} sigma_i^2 >= tau * sum sigma_i^2."""
-    sq = [float(s) ** 2 for s in sigma]
-    total = sum(sq)
-    if total == 0:
+    """Smallest r with sum_{i<=r} sigma_i^2 >= tau * sum sigma_i^2 (0 for an all-zero spectrum).
+
+    The relative slack of 1e-12 keeps tau = 1 at the last nonzero value despite rounding."""
+    s = _values(sigma)
+    cum = np.cumsum(s * s)
+    if not len(cum) or cum[-1] <= 0:
         return 0
-    acc = 0.0
-    for i, v in enumerate(sq, 1):
-        acc += v
-        if acc >= tau * total * (1 - 1e-12):
-            return i
-    return len(sq)
+    return min(len(s), int(np.searchsorted(cum, tau * float(cum[-1]) * (1 - 1e-12))) + 1)
 
 
 def numerical_rank(sigma: Sequence[float], tol: float) -> int:
-    """Count of sigma_i > tol * sigma_1."""
-    if not len(sigma) or sigma[0] <= 0:
+    """Count of sigma_i > tol * sigma_1 (sigma in decreasing order)."""
+    s = _values(sigma)
+    if not len(s) or s[0] <= 0:
         return 0
-    return sum(1 for s in sigma if s > tol * sigma[0])
+    return int((s > tol * s[0]).sum())
 
 
 def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
@@ -42,6 +47,8 @@ def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
     thousands of values per mode, six modes per layer, every layer. ``tol``: relative tolerance of
     the numerical rank (recorded as ``tol``); ``floor``: relative level below which the computation
     does not resolve values: the structural rank counts the values above it."""
+    import torch
+
     s = torch.as_tensor(sigma, dtype=torch.float64).cpu()
     out = {"size": size, "ceiling": ceiling, "numerical_rank": 0, "structural_rank": 0, "tol": tol,
            "energy_ranks": {f"{t:g}": 0 for t in energies}, "entropy_rank": 0.0, "stable_rank": 0.0,
@@ -49,22 +56,21 @@ def mode_summary(sigma: Sequence[float], size: int, ceiling: int,
     if not len(s) or s[0] <= 0:
         return out
     sq = s * s
-    cum = torch.cumsum(sq, 0)
-    total = float(cum[-1])
+    total = float(torch.cumsum(sq, 0)[-1])  # summed in order, as energy_rank does
     p = s[s > 0] / s.sum()
     out.update(
-        numerical_rank=int((s > tol * s[0]).sum()),
-        structural_rank=int((s > floor * s[0]).sum()),
-        energy_ranks={f"{t:g}": min(len(s), int(torch.searchsorted(cum, t * total * (1 - 1e-12))) + 1)
-                      for t in energies},
+        numerical_rank=numerical_rank(s, tol),
+        structural_rank=numerical_rank(s, floor),
+        energy_ranks={f"{t:g}": energy_rank(s, t) for t in energies},
         entropy_rank=float(torch.exp(-(p * torch.log(p)).sum())),
         stable_rank=total / float(sq[0]),
     )
     return out
 
 
-def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """Parameters of one Tucker tensor: r1 r2 r3 + H r1 + m r2 + n r3."""
+def tucker_params(shape: Sequence[int], ranks: Sequence) -> int:
+    """Parameters of one Tucker tensor: r1 r2 r3 + H r1 + m r2 + n r3 (elementwise when the
+    ranks are numpy arrays)."""
     (H, m, n), (r1, r2, r3) = shape, ranks
     return r1 * r2 * r3 + H * r1 + m * r2 + n * r3
 

@@ -66,6 +66,14 @@ class ModelSpec:
         return cls(**{k: doc[k] for k in top}, notes=list(doc.get("notes", [])),
                    extras={k: v for k, v in doc.items() if k not in top and k != "notes"})
 
+    @property
+    def kv_cache_width(self) -> int:
+        """Numbers cached per token and layer by the original attention (docs/mathematics.md
+        section 3): keys and values of every KV head; MLA caches its latent plus the RoPE key."""
+        if self.attention == "MLA":
+            return int(self.extras.get("kv_lora_rank", 0)) + int(self.extras.get("qk_rope_head_dim", 0))
+        return self.kv_heads * (self.head_dim + self.value_dim)
+
     def layer_scale(self, i: int) -> float:
         """Logit scale of layer ``i``: ``scale``, divided by (i + 1) for GPT-2 models with
         ``scale_attn_by_inverse_layer_idx`` (transformers' GPT2Attention)."""
