@@ -7,6 +7,11 @@ even-numbered ones are the calibration/healing text, the odd-numbered ones the
 evaluation text (disjoint topics). Usage::
 
     python benchmarks/heal_smollm2.py --params 0.9,0.75,0.5 --out benchmarks/results/heal-smollm2-cpu
+
+``--kl-steps N`` adds, per ratio, the end-to-end KL pass on top of the layer-wise healed
+checkpoint (``heal --steps 0 --kl-steps N`` from it: the same as one ``heal --kl-steps N``
+run, whose layer-wise result it starts from), one row per ``--kl-lr`` value;
+``--skip-plain`` leaves out the plain (uncalibrated) row.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kl-steps", type=int, default=0, help="end-to-end KL steps after healing (0: none)")
+    ap.add_argument("--kl-lr", default="0.003", help="comma-separated peak steps of the end-to-end pass")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out the plain (uncalibrated) row")
     args = ap.parse_args()
     from tuckerctl.compress import compress
     from tuckerctl.evaluate import evaluate
@@ -65,7 +73,7 @@ def main() -> None:
     out = Path(args.out)
     for p in (float(x) for x in args.params.split(",")):
         entry: dict = {"params": p}
-        for kind in ("plain", "calibrated"):
+        for kind in ("calibrated",) if args.skip_plain else ("plain", "calibrated"):
             ckpt = work / f"{kind}-{p}"
             t = time.perf_counter()
             compress(gguf, ckpt, params=p, device=args.device,
@@ -74,12 +82,23 @@ def main() -> None:
             entry[kind] = row(evaluate(ckpt, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))
             print(p, kind, entry[kind], flush=True)
         healed = work / f"healed-{p}"
+        cpu = time.process_time()
         rec = heal(work / f"calibrated-{p}", gguf, calib, healed, tokens=args.heal_tokens, steps=args.steps,
                    device=args.device)
         entry["heal"] = {"seconds": rec["seconds"], "loss": rec["loss"], "steps": rec["steps"],
-                         "tokens": rec["text"]["tokens"]}
+                         "tokens": rec["text"]["tokens"], "process_cpu_seconds": round(time.process_time() - cpu, 1)}
         entry["healed"] = row(evaluate(healed, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))
         print(p, "healed", entry["healed"], entry["heal"], flush=True)
+        for lr in ((float(x) for x in args.kl_lr.split(",")) if args.kl_steps else ()):
+            tuned = work / f"healed-kl-{p}-{lr}"
+            cpu = time.process_time()
+            rec = heal(healed, gguf, calib, tuned, tokens=args.heal_tokens, steps=0, kl_steps=args.kl_steps,
+                       kl_lr=lr, device=args.device)
+            e2e = {**rec["end_to_end"], "heal_seconds": rec["seconds"],
+                   "process_cpu_seconds": round(time.process_time() - cpu, 1)}
+            e2e["eval"] = row(evaluate(tuned, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))
+            entry.setdefault("healed_kl", []).append(e2e)
+            print(p, "healed+kl", json.dumps(e2e), flush=True)
         results["rows"].append(entry)
         out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 

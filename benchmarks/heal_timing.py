@@ -5,6 +5,7 @@ depends on the shapes, tokens and steps, not on the weights' values; the quality
 numbers of the README come from benchmarks/heal_smollm2.py on the real checkpoint.
 
     python benchmarks/heal_timing.py --device cuda --settings 3072x40,8192x100
+    python benchmarks/heal_timing.py --device cuda --settings 3072x40 --kl-steps 40   # + the end-to-end pass
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--params", type=float, default=0.75)
     ap.add_argument("--settings", default="3072x40,8192x100", help="tokens x steps, comma-separated")
+    ap.add_argument("--kl-steps", type=int, default=0, help="end-to-end KL steps after each setting")
     args = ap.parse_args()
     from textdata import save_char_tokenizer, write_texts
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,8 +51,10 @@ def main() -> None:
     for k, setting in enumerate(args.settings.split(",")):
         tokens, steps = (int(x) for x in setting.split("x"))
         rec = heal(work / "c", work / "model", text, work / f"h{k}", tokens=tokens, steps=steps,
-                   device=args.device)
-        rows["heal"].append({"tokens": tokens, "steps": steps, "seconds": rec["seconds"], "loss": rec["loss"]})
+                   kl_steps=args.kl_steps, device=args.device)
+        rows["heal"].append({"tokens": tokens, "steps": steps, "seconds": rec["seconds"], "loss": rec["loss"],
+                             **({"kl_steps": args.kl_steps, "kl_seconds": rec["end_to_end"]["seconds"]}
+                                if args.kl_steps else {})})
         print(json.dumps(rows["heal"][-1]), flush=True)
     print(json.dumps(rows))
 

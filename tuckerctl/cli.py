@@ -463,8 +463,14 @@ def heal(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (a normal compressed checkpoint, "
                              "written atomically)."),
     tokens: int = typer.Option(8192, "--tokens", help="Tokens of the text to use (from its start)."),
-    steps: int = typer.Option(100, "--steps", help="Optimiser steps per layer."),
+    steps: int = typer.Option(100, "--steps", help="Layer-wise optimiser steps per layer (0: skip the "
+                              "layer-wise pass; needs --kl-steps)."),
     lr: float = typer.Option(0.01, "--lr", help="Peak step size relative to each tensor's RMS."),
+    kl_steps: int = typer.Option(0, "--kl-steps", help="Steps of an end-to-end pass after the layer-wise one: "
+                                 "all layers' factors jointly on the next-token KL divergence to the original "
+                                 "(0: off)."),
+    kl_lr: Optional[float] = typer.Option(None, "--kl-lr", help="Peak step size of the end-to-end pass, "
+                                          "relative to each tensor's RMS [default: 0.003]."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
     batch: int = typer.Option(4, "--batch", help="Windows per step."),
     seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
@@ -483,22 +489,34 @@ def heal(
 
     options.device(device)
     options.positive_int(tokens, "--tokens")
-    options.positive_int(steps, "--steps")
+    for value, name in ((steps, "--steps"), (kl_steps, "--kl-steps")):
+        if value < 0:
+            raise InputError(f"{name}: {value} must be at least 0")
+    if steps == 0 and kl_steps == 0:
+        raise InputError("--steps: 0 layer-wise steps and no --kl-steps leave nothing to do")
     options.positive_int(seq_len, "--seq-len")
     options.positive_int(batch, "--batch")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"--lr: expected a positive number, got {lr}")
+    for value, name in ((lr, "--lr"), (kl_lr, "--kl-lr")):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{name}: expected a positive number, got {value}")
     claim(out, "checkpoint", inputs=[compressed, against, text], overwrite=overwrite)  # refuse before any work
     output = claim_json(output, [compressed, against, text, out], overwrite)
     callback, ctx = _progress(quiet, "heal", unit="steps")
     with ctx:  # Ctrl-C / SIGTERM: nothing is written until the end, atomically
-        doc = run(compressed, against, text, out, tokens=tokens, steps=steps, lr=lr, seq_len=seq_len,
-                  batch=batch, seed=seed, device=device, overwrite=overwrite, progress=callback)
+        doc = run(compressed, against, text, out, tokens=tokens, steps=steps, lr=lr, kl_steps=kl_steps,
+                  kl_lr=kl_lr, seq_len=seq_len, batch=batch, seed=seed, device=device, overwrite=overwrite,
+                  progress=callback)
     if not quiet:
-        loss = doc["loss"]
-        err.print(f"healed {len(doc['layers'])} layers in {doc['seconds']:.1f} s: held-out relative output loss "
-                  f"mean {loss['val_initial_mean']:.4g} -> {loss['val_final_mean']:.4g}, worst "
-                  f"{loss['val_initial_max']:.4g} -> {loss['val_final_max']:.4g}; wrote {out}/", highlight=False)
+        loss, e2e = doc["loss"], doc["end_to_end"]
+        parts = []
+        if loss and None not in loss.values():
+            parts.append(f"layer-wise held-out relative output loss mean {loss['val_initial_mean']:.4g} -> "
+                         f"{loss['val_final_mean']:.4g}, worst {loss['val_initial_max']:.4g} -> "
+                         f"{loss['val_final_max']:.4g}")
+        if e2e and None not in (e2e["val_kl_initial"], e2e["val_kl_final"]):
+            parts.append(f"end-to-end held-out KL {e2e['val_kl_initial']:.4g} -> {e2e['val_kl_final']:.4g} nats")
+        err.print(f"healed in {doc['seconds']:.1f} s: "
+                  f"{'; '.join(parts) or 'non-finite losses'}; wrote {out}/", highlight=False)
     emit_json({"schema": "tuckerctl.heal/1", **doc}, json_out, output)
 
 

@@ -24,6 +24,15 @@ otherwise drift into ill-conditioned pairs). The loss on held-out windows of the
 healing text is measured every few steps; the best iterate is kept, so a layer is
 never left worse than it came in on that held-out part.
 
+3. Optionally (``kl_steps > 0``) an end-to-end pass follows: the student is the original
+   model with every compressed layer's trainable attention installed (non-attention
+   weights shared with the teacher, frozen), trained jointly on the mean
+   ``KL(teacher || student)`` of the next-token distributions over the same windows
+   (teacher logits recomputed per batch: nothing vocabulary-sized is kept). Same
+   optimiser, schedule and retraction; best held-out-KL iterate kept. It sees what the
+   layer-wise pass cannot: errors that compound through the layers and the parts of a
+   layer's output that do not matter for the next token.
+
 Only qk_input layers of families whose output projection lives in the attention
 module (Llama-like) are supported; the output is a normal compressed checkpoint.
 """
@@ -49,6 +58,7 @@ from .tucker_format import QK_INPUT, TuckerLayer, factor_name, load, write_check
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
+KL_LR = 0.003  # default peak step of the end-to-end pass (README: the sweep)
 HEALABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
             "olmo3", "starcoder2")
 _QK_LEAVES, _OUT_LEAF = ("q_proj", "k_proj", "v_proj"), "o_proj"
@@ -280,6 +290,96 @@ def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: in
             "val_curve": curve if len(curve) <= 12 else [curve[round(k * (len(curve) - 1) / 11)] for k in range(12)]}
 
 
+# ------------------------------------------------------------------ end-to-end pass on the KL divergence
+
+def student_model(teacher: nn.Module, attention: dict[int, nn.Module]) -> nn.Module:
+    """The teacher model with each layer's attention module replaced by ``attention[i]``
+    (the trainable students). Every other parameter and buffer is SHARED with the teacher
+    (no second copy of the weights) and must stay frozen."""
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
+    student = copy.deepcopy(teacher, memo=shared)
+    names = {id(m): name for name, m in teacher.named_modules()}
+    originals = _attention_modules(teacher, list(attention))
+    for i, module in attention.items():
+        parent, _, leaf = names[id(originals[i])].rpartition(".")
+        setattr(student.get_submodule(parent) if parent else student, leaf, module)
+    return student
+
+
+def _kl_sum(teacher: nn.Module, student: nn.Module, ids: Tensor) -> tuple[Tensor, int]:
+    """(sum over next-token positions of KL(teacher || student), number of positions);
+    the last position of each window predicts nothing in the text and is left out."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+    kl = nn.functional.kl_div(logp, target, log_target=True, reduction="sum")
+    return kl, target.shape[0] * target.shape[1]
+
+
+def _val_kl(teacher: nn.Module, student: nn.Module, batches: list[Tensor]) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            kl, n = _kl_sum(teacher, student, ids)
+            total, count = total + float(kl), count + n
+    return total / count
+
+
+def heal_end_to_end(teacher: nn.Module, attention: dict[int, nn.Module], train: list[Tensor],
+                    val: list[Tensor], steps: int, lr: float, seed: int = 0,
+                    tick: Callable[[], None] | None = None) -> dict:
+    """Train the Tucker factors of all student attention modules in ``attention`` (in
+    place) jointly on the mean next-token KL(teacher || student) over ``train`` batches of
+    token ids; keep the iterate with the lowest held-out KL on ``val``. Returns the record."""
+    dev = next(teacher.parameters()).device
+    train, val = [b.to(dev) for b in train], [b.to(dev) for b in val]
+    student = student_model(teacher, attention)
+    for module in attention.values():
+        retract(module)
+    params = [p for module in attention.values() for p in factor_tensors(module).values()]
+    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))} for p in params]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    peaks = [g["lr"] for g in groups]
+    gen = torch.Generator().manual_seed(seed)
+    best = _val_kl(teacher, student, val)
+    curve = [[0, best]]
+    best_step, best_state = 0, [p.detach().clone() for p in params]
+    train_losses = []
+    every = max(1, min(VALIDATE_EVERY, steps // 5))
+    for step in range(steps):
+        for g, peak in zip(opt.param_groups, peaks):
+            g["lr"] = peak * lr_factor(step, steps)
+        ids = train[int(torch.randint(len(train), (1,), generator=gen))]
+        opt.zero_grad(set_to_none=True)
+        kl, n = _kl_sum(teacher, student, ids)
+        loss = kl / n
+        loss.backward()
+        opt.step()
+        for module in attention.values():
+            retract(module)
+        train_losses.append(float(loss.detach()))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            v = _val_kl(teacher, student, val)
+            curve.append([step + 1, v])
+            if v < best:
+                best, best_step = v, step + 1
+                best_state = [p.detach().clone() for p in params]
+        if tick:
+            tick()
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
+    curve = [[k, finite(v)] for k, v in curve]
+    return {"steps": steps, "lr": lr, "val_kl_initial": curve[0][1], "val_kl_final": finite(best),
+            "best_step": best_step,
+            "train_kl_first": finite(train_losses[0]) if train_losses else None,
+            "train_kl_last": finite(train_losses[-1]) if train_losses else None,
+            "val_curve": curve if len(curve) <= 12 else [curve[round(k * (len(curve) - 1) / 11)] for k in range(12)]}
+
+
 # ------------------------------------------------------------------ the command
 
 def _summary(records: list[dict]) -> dict:
@@ -317,17 +417,23 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
 
 
 def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.01,
-         seq_len: int = 256, batch: int = 4, device: str = "auto", overwrite: bool = False, seed: int = 0,
-         progress: Callable[[int, int], None] | None = None) -> dict:
+         kl_steps: int = 0, kl_lr: float | None = None, seq_len: int = 256, batch: int = 4, device: str = "auto",
+         overwrite: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Heal the compressed checkpoint ``compressed`` against its original ``against`` on the
     text file ``text`` and write the result to ``out``; returns the healing record (also
-    stored as ``healing`` in the output's metadata)."""
-    for name, value, least in (("--tokens", tokens, 2), ("--steps", steps, 0), ("--seq-len", seq_len, 2),
-                               ("--batch", batch, 1)):
+    stored as ``healing`` in the output's metadata). ``steps``: layer-wise steps per layer;
+    ``kl_steps``: steps of the end-to-end KL pass that follows (0: none); ``kl_lr``: its peak
+    step (None: ``KL_LR``)."""
+    kl_lr = KL_LR if kl_lr is None else kl_lr
+    for name, value, least in (("--tokens", tokens, 2), ("--steps", steps, 0), ("--kl-steps", kl_steps, 0),
+                               ("--seq-len", seq_len, 2), ("--batch", batch, 1)):
         if value < least:
             raise InputError(f"{name}: {value} must be at least {least}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"--lr: {lr} must be a positive number")
+    if steps == 0 and kl_steps == 0:
+        raise InputError("--steps: 0 layer-wise steps and no --kl-steps leave nothing to do")
+    for name, value in (("--lr", lr), ("--kl-lr", kl_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{name}: {value} must be a positive number")
     compressed, against, out = Path(compressed), Path(against), Path(out)
     body = read_text(text)
     digest = hashlib.sha256(Path(text).read_bytes()).hexdigest()
@@ -362,7 +468,7 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     d, dh = tk.spec["d"], tk.spec["head_dim"]
     per_layer = 2 * ids.numel() * d * 4
     group = max(1, CAPTURE_BYTES // max(1, per_layer))
-    total = len(layers) * steps + len(layers)
+    total = (len(layers) * (steps + 1) if steps else 0) + kl_steps
     done = 0
 
     def tick():
@@ -371,22 +477,30 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         if progress:
             progress(done, total)
 
-    records, factors = [], {}
-    for s in range(0, len(layers), group):
+    # the trainable attention of every layer (float32, on dev): trained layer-wise, then end to end
+    students = {t.index: student_attention(modules[t.index], t, d, dh) for t in layers}
+    records = []
+    for s in range(0, len(layers) if steps else 0, group):
         chunk = layers[s:s + group]
         acts = _capture(model, {t.index: modules[t.index] for t in chunk}, train_ids + val_ids)
         for t in chunk:
             captured = acts.pop(t.index)
             train, val = captured[:len(train_ids)], captured[len(train_ids):]
             tick()
-            student = student_attention(modules[t.index], t, d, dh)
-            record = heal_layer(student, train, val, steps, lr, seed=seed + t.index, tick=tick)
+            record = heal_layer(students[t.index], train, val, steps, lr, seed=seed + t.index, tick=tick)
             records.append({"index": t.index, **record})
-            store = tk.ckpt.get(factor_name(t.index, "pre", "query")).dtype
-            for part, tensor in factor_tensors(student).items():
-                kind, leaf = part.split(".")
-                factors[factor_name(t.index, kind, leaf)] = tensor.detach().to(store).cpu().contiguous()
-            del student, captured, train, val
+            del captured, train, val
+    end_to_end = None
+    if kl_steps:
+        t0 = time.perf_counter()
+        end_to_end = heal_end_to_end(model, students, train_ids, val_ids, kl_steps, kl_lr, seed=seed, tick=tick)
+        end_to_end["seconds"] = round(time.perf_counter() - t0, 3)
+    factors = {}
+    for t in layers:
+        store = tk.ckpt.get(factor_name(t.index, "pre", "query")).dtype
+        for part, tensor in factor_tensors(students[t.index]).items():
+            kind, leaf = part.split(".")
+            factors[factor_name(t.index, kind, leaf)] = tensor.detach().to(store).cpu().contiguous()
     seconds = time.perf_counter() - start
     healing = {
         "text": {"path": str(text), "sha256": digest, "tokens": int(ids.numel()),
@@ -395,9 +509,12 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         "against": str(against),
         "steps": steps, "lr": lr, "batch": batch, "seed": seed, "device": str(dev),
         "schedule": "layer-wise distillation, Adam (per-tensor lr x RMS), 5% warm-up + cosine to 10%, "
-                    "QR retraction after each step, best held-out iterate",
-        "loss": _summary(records),
+                    "QR retraction after each step, best held-out iterate"
+                    + ("; then end-to-end on the mean next-token KL(original || healed), same optimiser, "
+                       "schedule and retraction, best held-out-KL iterate" if kl_steps else ""),
+        "loss": _summary(records) if records else None,
         "layers": records,
+        "end_to_end": end_to_end,
         "seconds": round(seconds, 3),
         "tool_version": __version__,
     }
