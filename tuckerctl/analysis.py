@@ -21,7 +21,7 @@ from .distributed import join
 from .errors import InputError
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .loader import iter_layers, open_model
-from .multilinear import frobenius_norm_sq, mode_spectra, reduce
+from .multilinear import frobenius_norm_sq, mode_spectra, mode_spectra_with_bases, reduce
 from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
@@ -85,13 +85,14 @@ def tradeoff_grids(red, groups: list[int], width: int, ceilings) -> list[list[in
     return [g1, g2, g3]
 
 
-def exact_tradeoff(red, groups: list[int], width: int, ceilings) -> dict:
+def exact_tradeoff(red, groups: list[int], width: int, ceilings, bases=None) -> dict:
     """Exact errors for figure 4 of one tensor: GQA-shaped per grouping (always) and the
-    truncated-HOSVD residual table on the grid (skipped above EXACT_TABLE_MAX_FLOPS: None)."""
-    out = {"gqa": [gqa_errors(red, g, width) for g in groups]}
+    truncated-HOSVD residual table on the grid (skipped above EXACT_TABLE_MAX_FLOPS: None).
+    ``bases``: the tensor's HOSVD bases if already computed (``mode_spectra_with_bases``)."""
+    out = {"gqa": gqa_errors(red, groups, width)}
     if table_flops(red) <= EXACT_TABLE_MAX_FLOPS:
         grids = tradeoff_grids(red, groups, width, ceilings)
-        table, norm_sq = hosvd_residuals(red, grids)
+        table, norm_sq = hosvd_residuals(red, grids, bases)
         out["hosvd"] = {"grid": grids, "residual_sq": table.cpu().tolist(), "norm_sq": norm_sq}
     else:
         out["hosvd"] = None
@@ -108,7 +109,14 @@ def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float | No
     stored with relative rms error ``eps``; either clamped to the method's floor (:mod:`tuckerctl.noise`)."""
     st = stack.to(device=device, dtype=torch.float64)
     red = reduce(st)
-    spectra = averaged_spectra(red, *rope) if rope else mode_spectra(red)
+    bases = None
+    if rope:
+        spectra = averaged_spectra(red, *rope)
+    elif groups and table_flops(red) <= EXACT_TABLE_MAX_FLOPS:
+        # The exact table needs every mode's vectors: one eigh/SVD per mode gives both.
+        spectra, bases = mode_spectra_with_bases(red)
+    else:
+        spectra = mode_spectra(red)
     floors = resolution(red, averaged=rope is not None)
     if tol is None:
         nu = mode_noise(red, st.shape[1], st.shape[2], eps, eps)
@@ -125,7 +133,7 @@ def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float | No
     out = {"shape": list(shape), "norm": float(frobenius_norm_sq(red).clamp_min(0).sqrt()),
            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
     if groups:
-        out["exact"] = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings)
+        out["exact"] = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings, bases)
     return out
 
 

@@ -27,12 +27,10 @@ from torch import Tensor
 from .multilinear import (
     HeadStack,
     Reduced,
-    _left_side,
     _r_factors,
-    _right_side,
-    _top_eigvecs,
     frobenius_norm_sq,
     head_gram,
+    mode_spectra_with_bases,
     reduce,
 )
 
@@ -63,33 +61,46 @@ def _bins(grid: Sequence[int], width: int, device) -> tuple[Tensor, int]:
     return torch.searchsorted(g, idx, right=True), len(g)
 
 
-def hosvd_residuals(stack: HeadStack | Reduced, grids: Sequence[Sequence[int]]) -> tuple[Tensor, float]:
+def hosvd_bases(red: Reduced) -> tuple[Tensor, Tensor, Tensor]:
+    """Full HOSVD bases of the reduced tensor: the head mode's eigenvectors (H x H) and the
+    leading left singular vectors of the mode-2 and mode-3 unfoldings, ``full_widths`` of them."""
+    return mode_spectra_with_bases(red)[1]
+
+
+def hosvd_residuals(stack: HeadStack | Reduced, grids: Sequence[Sequence[int]],
+                    bases: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, float]:
     """``R[a, b, c] = ||W - W_hat||_F^2`` of the truncated HOSVD at ranks
     ``(grids[0][a], grids[1][b], grids[2][c])`` (grids sorted ascending, deduplicated), and
     ``||W||_F^2``. Computed in the stack's dtype (use float64) from the full core, a block of
     mode-2 indices at a time. Residuals below ``ROUNDING_FLOOR * ||W||^2`` (relative errors
-    below 3e-7) are rounding of the subtraction and are returned as 0."""
+    below 3e-7) are rounding of the subtraction and are returned as 0. ``bases``: the
+    :func:`hosvd_bases` of the stack when the caller has them already (analyze gets them with
+    the spectra)."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
-    H, c2, c3 = full_widths(red)
+    H = red.lc.shape[0]
     dev = red.lc.device
-    U1 = _top_eigvecs(head_gram(red.lc, red.rc, red.group), H)[1]
-    V2 = _left_side(red, c2)[1]
-    V3 = _right_side(red, c3)[1]
-    b1, n1 = _bins(grids[0], H, dev)
-    b2, n2 = _bins(grids[1], V2.shape[1], dev)
-    b3, n3 = _bins(grids[2], V3.shape[1], dev)
+    U1, V2, V3 = bases if bases is not None else hosvd_bases(red)
+    c2, c3 = V2.shape[1], V3.shape[1]
+    p, r = red.lc.shape[1:]
+    dt = red.lc.dtype
+    # Bins as 0/1 matrices, so binning the squared core is three GEMMs (index_add_ is not BLAS).
+    def onehot(grid, width):
+        bins, n = _bins(grid, width, dev)
+        return torch.nn.functional.one_hot(bins, n + 1).to(dt)
+
+    B1, B2, B3 = onehot(grids[0], H).T, onehot(grids[1], c2), onehot(grids[2], c3)
+    lcat = red.lc.permute(1, 0, 2).reshape(p, H * r)
     rb = (V3.T @ red.rc)[red.group].transpose(1, 2)  # (H, r, c3)
-    acc = torch.zeros(n1 + 1, n2 + 1, V3.shape[1], dtype=red.lc.dtype, device=dev)
-    step = max(1, (1 << 22) // max(1, H * V3.shape[1]))
-    for s in range(0, V2.shape[1], step):
-        e = min(V2.shape[1], s + step)
-        y = (V2[:, s:e].T @ red.lc) @ rb  # (H, e - s, c3): per-head slices in the mode-2/3 bases
-        core = torch.einsum("hj,hab->jab", U1, y)
-        sq = core * core
-        part = torch.zeros(n1 + 1, e - s, sq.shape[2], dtype=sq.dtype, device=dev).index_add_(0, b1, sq)
-        acc.index_add_(1, b2[s:e], part)
-    table = torch.zeros(n1 + 1, n2 + 1, n3 + 1, dtype=acc.dtype, device=dev).index_add_(2, b3, acc)
-    kept = table.cumsum(0).cumsum(1).cumsum(2)[:n1, :n2, :n3]
+    table = torch.zeros(B1.shape[0], B2.shape[1], B3.shape[1], dtype=dt, device=dev)
+    step = max(1, (1 << 22) // max(1, H * c3))
+    for s in range(0, c2, step):
+        e = min(c2, s + step)
+        # (H, e - s, c3): per-head slices in the mode-2/3 bases; then the head mode's basis.
+        y = (V2[:, s:e].T @ lcat).reshape(e - s, H, r).transpose(0, 1) @ rb
+        core = U1.T @ y.reshape(H, -1)
+        binned = (B1 @ (core * core)).reshape(B1.shape[0], e - s, c3)
+        table += B2[s:e].T @ binned @ B3
+    kept = table.cumsum(0).cumsum(1).cumsum(2)[:-1, :-1, :-1]
     norm_sq = float(frobenius_norm_sq(red))
     resid = norm_sq - kept
     # ||W||^2 - kept cancels: below ROUNDING_FLOOR ||W||^2 the residual is rounding, i.e. exact.
@@ -108,7 +119,10 @@ def gqa_residual(stack: HeadStack | Reduced, groups: Sequence[Sequence[int]], wi
     right-side (key/value) matrix of ``width`` columns: sum over groups of the tail beyond
     ``width`` of the singular values of the group's stacked right side."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
-    Z = _key_side_blocks(red)
+    return _gqa_residual(_key_side_blocks(red), groups, width)
+
+
+def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int) -> float:
     total = 0.0
     for heads in groups:
         block = Z[list(heads)].permute(1, 0, 2).reshape(Z.shape[1], -1)
@@ -128,7 +142,10 @@ def greedy_groups(stack: HeadStack | Reduced, groups: int) -> list[list[int]]:
     alike: seeds the heaviest unassigned head, then adds the unassigned head most similar to
     the group (cosine of the heads' right-side Grams ``Z_h Z_h^T``, from an H x H Gram)."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
-    Z = _key_side_blocks(red)
+    return _greedy_groups(_key_side_blocks(red), groups)
+
+
+def _greedy_groups(Z: Tensor, groups: int) -> list[list[int]]:
     H = Z.shape[0]
     sim = head_gram(Z, Z, torch.arange(H, device=Z.device)).double().cpu()
     diag = sim.diagonal().clamp_min(1e-300).sqrt()
@@ -148,19 +165,28 @@ def greedy_groups(stack: HeadStack | Reduced, groups: int) -> list[list[int]]:
     return sorted(out)
 
 
-def gqa_errors(stack: HeadStack | Reduced, groups: int, width: int) -> dict:
+def gqa_errors(stack: HeadStack | Reduced, groups: int | Sequence[int], width: int) -> dict | list[dict]:
     """Exact relative errors of the GQA-shaped format with ``groups`` groups: contiguous
-    grouping, and the greedy regrouping (with the grouping when it is better)."""
+    grouping, and the greedy regrouping (with the grouping when it is better). With a list of
+    group counts, a list of results (the key-side blocks are computed once for all)."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
     norm_sq = float(frobenius_norm_sq(red))
+    Z = _key_side_blocks(red)
+    if isinstance(groups, int):
+        return _gqa_errors(Z, norm_sq, groups, width)
+    return [_gqa_errors(Z, norm_sq, g, width) for g in groups]
+
+
+def _gqa_errors(Z: Tensor, norm_sq: float, groups: int, width: int) -> dict:
     rel = lambda x: (x / norm_sq) ** 0.5 if norm_sq > 0 else 0.0  # noqa: E731
-    H = red.lc.shape[0]
-    contiguous = gqa_residual(red, contiguous_groups(H, groups), width)
+    H = Z.shape[0]
+    contiguous = _gqa_residual(Z, contiguous_groups(H, groups), width)
     if groups in (1, H):
         return {"groups": groups, "error_contiguous": rel(contiguous), "error_best": rel(contiguous),
                 "best_grouping": None}
-    regroup = greedy_groups(red, groups)
-    other = gqa_residual(red, regroup, width)
+    regroup = _greedy_groups(Z, groups)
+    same = regroup == contiguous_groups(H, groups)  # greedy_groups returns sorted groups
+    other = contiguous if same else _gqa_residual(Z, regroup, width)
     better = other < contiguous * (1 - 1e-9)
     return {"groups": groups, "error_contiguous": rel(contiguous), "error_best": rel(min(contiguous, other)),
             "best_grouping": regroup if better else None}

@@ -353,6 +353,27 @@ def mode_spectra(stack: HeadStack | Reduced, eig_dtype: torch.dtype | None = Non
     return ModeSpectra(*(pb.solve(eig_dtype) for pb in problems), g1)
 
 
+def mode_spectra_with_bases(red: Reduced) -> tuple[ModeSpectra, tuple[Tensor, Tensor, Tensor]]:
+    """``mode_spectra`` and, from the same decompositions (eigh / SVD with vectors instead of
+    values only), the full HOSVD bases U1 (H x H), V2 (p x c2), V3 (q x c3) of the reduced
+    tensor, ``c`` the structural widths: one solve per mode when both are needed."""
+    H, p, r = red.lc.shape
+    q = red.rc.shape[1]
+    widths = (H, min(p, H * min(q, r)), min(q, H * min(p, r)))
+    g1, problems = spectrum_problems(red)
+    values, bases = [], []
+    for pb, k in zip(problems, widths):
+        if pb.gram:
+            vals, vecs = torch.linalg.eigh(pb.matrix)
+            values.append(vals.flip(0).clamp_min(0).sqrt())
+            bases.append(vecs.flip(1)[:, :k])
+        else:
+            U, S, _ = torch.linalg.svd(pb.matrix, full_matrices=False)
+            values.append(S)
+            bases.append(U[:, :k])
+    return ModeSpectra(*values, g1), tuple(bases)
+
+
 def frobenius_norm_sq(red: Reduced) -> Tensor:
     """||W||_F^2 from the factors (trace of the head Gram)."""
     a = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)

@@ -58,8 +58,9 @@ def relative_rms_error(dtype: str) -> float:
 
 def _spectral(X: Tensor, iters: int = 40) -> float:
     """Largest singular value of a 2-D matrix (exact for small ones, else power iteration)."""
-    if min(X.shape) <= 256:
-        return float(torch.linalg.matrix_norm(X, ord=2))
+    if min(X.shape) <= 256:  # largest eigenvalue of the small Gram: ~4x faster than an SVD
+        gram = X.T @ X if X.shape[1] <= X.shape[0] else X @ X.T
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
     g = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(X.shape[1], generator=g, dtype=X.dtype).to(X.device)
     for _ in range(iters):

@@ -20,6 +20,7 @@ Pure functions of the factors; no I/O.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,15 @@ class Rotation:
         return a.to(device, dtype), b.to(device, dtype), p.to(device)
 
     def averager(self, offsets: int, device=None, dtype=torch.float64) -> Averager:
-        a, b, p = self._parts(offsets, device, dtype)
-        T = float(offsets)
-        return Averager(a.T @ a / T, a.T @ b / T, b.T @ b / T, p)
+        """The offset averages (same for every layer of a model: cached)."""
+        return _averager(self.head_dim, tuple(self.inv_freq.tolist()), offsets, str(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _averager(head_dim: int, inv_freq: tuple, offsets: int, device: str, dtype) -> Averager:
+    a, b, p = Rotation(head_dim, torch.tensor(inv_freq, dtype=torch.float64))._parts(offsets, device, dtype)
+    T = float(offsets)
+    return Averager(a.T @ a / T, a.T @ b / T, b.T @ b / T, p)
 
 
 @dataclass(frozen=True)
