@@ -8,7 +8,7 @@ plus O(d^2) work space, whatever the model size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -32,12 +32,14 @@ from .usage import parse_layer_spec
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
 
 
-def parse_layers(text: str | None, count: int) -> list[int]:
-    """``"0,5-7"`` -> [0, 5, 6, 7]; None -> all layers. Errors name the field."""
-    if not text:
+def parse_layers(layers: str | Sequence[int] | None, count: int) -> list[int]:
+    """The layers to analyse, sorted: indices as given, or the text form ``"0,5-7"`` ->
+    [0, 5, 6, 7]; None -> all layers. Errors name the field."""
+    if layers is None or len(layers) == 0:
         return list(range(count))
+    spans = parse_layer_spec(layers) if isinstance(layers, str) else [(int(i), int(i)) for i in layers]
     out: list[int] = []
-    for lo, hi in parse_layer_spec(text):
+    for lo, hi in spans:
         if lo < 0 or hi >= count:
             span = f"{lo}-{hi}" if hi != lo else str(lo)
             raise InputError(f"--layers: {span!r} is outside 0-{count - 1} (the model has {count} layers, "
@@ -207,7 +209,7 @@ def _ceiling_formula(spec: ModelSpec, key: str, mode: str) -> str:
 
 
 def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, family=None,
-            layers: str | None = None, energy=DEFAULT_ENERGY, tol: float | None = None,
+            layers: str | Sequence[int] | None = None, energy=DEFAULT_ENERGY, tol: float | None = None,
             rope_offsets: int = DEFAULT_OFFSETS, device: str = "auto",
             progress: Callable[[int, int], None] | None = None, revision: str | None = None) -> dict:
     """Analyse a checkpoint; returns the versioned analysis document (README: JSON)."""

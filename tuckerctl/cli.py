@@ -7,11 +7,14 @@ progress on stderr (progress only on a TTY); exit 0 success, 1 a check failed,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+from dataclasses import asdict, dataclass, fields
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -35,11 +38,67 @@ if not err.is_terminal:  # logs and CI: do not wrap at 80 columns unless COLUMNS
 
 # ------------------------------------------------------------------ shared options
 
-CONFIG = typer.Option(None, "--config", help="config.json to use instead of the one beside the checkpoint.")
-HEADS = typer.Option(None, "--heads", help="Query heads H (needed without config.json).")
-KV_HEADS = typer.Option(None, "--kv-heads", help="KV heads G (GQA groups).")
-HEAD_DIM = typer.Option(None, "--head-dim", help="Per-head width d_h.")
-FAMILY = typer.Option(None, "--family", help="Force the architecture family (config model_type).")
+SOURCE_PANEL = "Reading the checkpoint"
+ANALYSIS_PANEL = "Analysis"
+CONFIG = typer.Option(None, "--config", help="config.json to use instead of the one beside the checkpoint.",
+                      rich_help_panel=SOURCE_PANEL)
+
+
+@dataclass
+class ModelSource:
+    """How to read a checkpoint's structure: ``--config`` and the overrides of its fields
+    (analyze, inspect, compress, report); the library takes them as keyword arguments."""
+
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="config.json to use instead of the one beside the checkpoint.",
+        rich_help_panel=SOURCE_PANEL)] = None
+    heads: Annotated[Optional[int], typer.Option(
+        "--heads", help="Query heads H (needed without config.json).", rich_help_panel=SOURCE_PANEL)] = None
+    kv_heads: Annotated[Optional[int], typer.Option(
+        "--kv-heads", help="KV heads G (GQA groups).", rich_help_panel=SOURCE_PANEL)] = None
+    head_dim: Annotated[Optional[int], typer.Option(
+        "--head-dim", help="Per-head width d_h.", rich_help_panel=SOURCE_PANEL)] = None
+    family: Annotated[Optional[str], typer.Option(
+        "--family", help="Force the architecture family (config model_type).", rich_help_panel=SOURCE_PANEL)] = None
+
+
+@dataclass
+class AnalysisOptions:
+    """What ``analyze`` measures (analyze, and report on checkpoints); ``energy`` is parsed by
+    :func:`_analysis_options`."""
+
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Layers to analyse, e.g. 0,5-7 (default all).", rich_help_panel=ANALYSIS_PANEL)] = None
+    energy: Annotated[str, typer.Option(
+        "--energy", help="Energy thresholds for the energy ranks.", rich_help_panel=ANALYSIS_PANEL)] = \
+        "0.9,0.99,0.999"
+    tol: Annotated[Optional[float], typer.Option(
+        "--tol", help="Numerical-rank tolerance relative to sigma_1 (default from the stored dtype).",
+        rich_help_panel=ANALYSIS_PANEL)] = None
+
+
+def bundled(name: str, bundle: type):
+    """Decorator: give a command the options of the dataclass ``bundle`` (fields annotated with
+    Typer options) and pass them to it as one ``name`` argument, so that an option shared by
+    several commands is declared once. Typer reads the signature set here."""
+    hints = get_type_hints(bundle, include_extras=True)
+    added = [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+             for f in fields(bundle)]
+
+    def wrap(command):
+        params = [p for p in signature(command, eval_str=True).parameters.values() if p.name != name]
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            return command(*args, **{name: bundle(**{f.name: kwargs.pop(f.name) for f in fields(bundle)})},
+                           **kwargs)
+
+        run.__signature__ = signature(command).replace(parameters=params + added)
+        del run.__wrapped__  # Typer must see the signature above, not the command's
+        return run
+
+    return wrap
+
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
 OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file (new, or with --overwrite "
@@ -51,7 +110,7 @@ OUTPUT_FILE = typer.Option(None, "--output", "-o", help="Write the JSON document
                            "--overwrite an earlier tuckerctl JSON; never an input).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
 REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folders: branch, tag or commit "
-                        "(default main).")
+                        "(default main).", rich_help_panel=SOURCE_PANEL)
 
 
 def _progress(quiet: bool, label: str, unit: str = "layers"):
@@ -114,12 +173,9 @@ def _analysis_options(energy: str, tol, device) -> tuple[float, ...]:
 
 SOURCES_HELP = ("Checkpoints: .safetensors files, (sharded) model directories, .gguf files, Hugging Face cache "
                 "folders or Hub model ids (org/name); globs allowed.")
-LAYERS = typer.Option(None, "--layers", help="Layers to analyse, e.g. 0,5-7 (default all).")
-ENERGY = typer.Option("0.9,0.99,0.999", "--energy", help="Energy thresholds for the energy ranks.")
-TOL = typer.Option(None, "--tol", help="Numerical-rank tolerance relative to sigma_1 (default from the stored dtype).")
-ROPE_OFFSETS = typer.Option(2048, "--rope-offsets", min=0,
+ROPE_OFFSETS = typer.Option(2048, "--rope-offsets", min=0, rich_help_panel=ANALYSIS_PANEL,
                             help="RoPE models: average the query-key mode spectra over offsets 0..N-1 "
-                            "(0: the zero-offset form W[h] = W_Q^h W_K^gT).")
+                            "(0: the zero-offset form W\\[h] = W_Q^h W_K^gT).")
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -182,16 +238,12 @@ def _analysis_docs(sources: list[str], quiet: bool, show: bool, wide: bool = Fal
 
 
 @app.command()
+@bundled("source", ModelSource)
+@bundled("measure", AnalysisOptions)
 def analyze(
     sources: list[str] = typer.Argument(..., help=SOURCES_HELP, show_default=False),
-    config: Optional[Path] = CONFIG,
-    heads: Optional[int] = HEADS,
-    kv_heads: Optional[int] = KV_HEADS,
-    head_dim: Optional[int] = HEAD_DIM,
-    family: Optional[str] = FAMILY,
-    layers: Optional[str] = LAYERS,
-    energy: str = ENERGY,
-    tol: Optional[float] = TOL,
+    source: ModelSource = None,
+    measure: AnalysisOptions = None,
     rope_offsets: int = ROPE_OFFSETS,
     cross_check: bool = typer.Option(False, "--cross-check", help="Also compute the spectra of every layer "
                                      "of at most 16 Mi numbers per tensor the dense way, with TensorLy; exit 1 "
@@ -212,15 +264,14 @@ def analyze(
     """
     from . import __version__ as version
 
-    paths = _checked_sources(sources, layers)
-    energies = _analysis_options(energy, tol, device)
+    paths = _checked_sources(sources, measure.layers)
+    energies = _analysis_options(measure.energy, measure.tol, device)
     from .distributed import is_writer
 
     # Under torchrun only rank 0 writes: the others neither claim nor write the output.
-    target = claim_json(output, [*paths, config], overwrite) if is_writer() else None
-    docs = _analysis_docs(paths, quiet, True, wide, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                          family=family, layers=layers, energy=energies, tol=tol, device=device,
-                          revision=revision, rope_offsets=rope_offsets)
+    target = claim_json(output, [*paths, source.config], overwrite) if is_writer() else None
+    docs = _analysis_docs(paths, quiet, True, wide, **asdict(source), layers=measure.layers, energy=energies,
+                          tol=measure.tol, device=device, revision=revision, rope_offsets=rope_offsets)
     if not is_writer():  # under torchrun every rank holds the documents; rank 0 checks and writes them
         return
     doc = docs[0] if len(docs) == 1 else {"schema": "tuckerctl.analyses/1", "tool_version": version,
@@ -229,8 +280,7 @@ def analyze(
         from .crosscheck import cross_check as check
 
         for src, d in zip(paths, docs):
-            cc = d["cross_check"] = check(src, d, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                                          family=family, rope_offsets=rope_offsets, device=device,
+            cc = d["cross_check"] = check(src, d, **asdict(source), rope_offsets=rope_offsets, device=device,
                                           revision=revision)
             if not quiet:
                 err.print(f"cross-check against TensorLy ({src}): {len(cc['layers'])} layers, largest deviation "
@@ -246,14 +296,11 @@ def analyze(
 
 
 @app.command()
+@bundled("source", ModelSource)
 def inspect(
     path: str = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, a .gguf file, "
                                "a Hugging Face cache folder or a Hub model id (org/name)."),
-    config: Optional[Path] = CONFIG,
-    heads: Optional[int] = HEADS,
-    kv_heads: Optional[int] = KV_HEADS,
-    head_dim: Optional[int] = HEAD_DIM,
-    family: Optional[str] = FAMILY,
+    source: ModelSource = None,
     revision: Optional[str] = REVISION,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT_FILE,
@@ -267,18 +314,18 @@ def inspect(
     from .usage import check_checkpoint_source
 
     check_checkpoint_source(path)
-    output = claim_json(output, [path, config], overwrite)
+    output = claim_json(output, [path, source.config], overwrite)
     from .analysis import inspect as run
     from .tables import print_inspect
 
-    doc = run(path, config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
-              revision=revision)
+    doc = run(path, **asdict(source), revision=revision)
     if not quiet:
         print_inspect(doc, err)
     emit_json(doc, json_out, output)
 
 
 @app.command()
+@bundled("source", ModelSource)
 def compress(
     path: Path = typer.Argument(..., help="The source checkpoint (file, directory or .gguf)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
@@ -311,11 +358,7 @@ def compress(
                                 "(value-output) or both."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs written by tuckerctl "
                                    "(never an input, never anything else)."),
-    config: Optional[Path] = CONFIG,
-    heads: Optional[int] = HEADS,
-    kv_heads: Optional[int] = KV_HEADS,
-    head_dim: Optional[int] = HEAD_DIM,
-    family: Optional[str] = FAMILY,
+    source: ModelSource = None,
     device: str = DEVICE,
     json_out: bool = JSON,
     output: Optional[Path] = OUTPUT,
@@ -329,13 +372,14 @@ def compress(
 
     check_checkpoint_source(str(path))
     check_ranks_options(ranks, ranks_post, energy, params)
-    options.compress_choice(options.parse_ranks(ranks, "--ranks"), options.parse_ranks(ranks_post, "--ranks-post"),
-                            energy, params, hooi_iters, dtype)
+    ranks, ranks_post = options.parse_ranks(ranks, "--ranks"), options.parse_ranks(ranks_post, "--ranks-post")
+    options.compress_choice(ranks, ranks_post, energy, params, hooi_iters, dtype)
     options.device(device)
     options.non_negative(max_error, "--max-error")
     options.positive_int(tokens, "--tokens")
     if max_error is not None and not check:
         raise InputError("--max-error needs the check: drop --no-check (or --max-error)")
+    config = source.config
     claim(out, "checkpoint", inputs=[path, config, calibrate], overwrite=overwrite)
     output = claim_json(output, [path, config, calibrate, out], overwrite)
     from .compress import compress as run
@@ -348,8 +392,7 @@ def compress(
         with ctx:
             doc = run(path, out, ranks=ranks, ranks_post=ranks_post, energy=energy, params=params,
                       hooi_iters=hooi_iters, device=device, dtype=dtype, overwrite=overwrite, structure=structure,
-                      config=config, heads=heads, kv_heads=kv_heads, head_dim=head_dim, family=family,
-                      calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors,
+                      **asdict(source), calibrate=calibrate, calib_tokens=calib_tokens, method=method, tensors=tensors,
                       progress=callback)
     finally:
         leave()
@@ -546,6 +589,8 @@ def export(
 
 
 @app.command()
+@bundled("source", ModelSource)
+@bundled("measure", AnalysisOptions)
 def report(
     sources: list[str] = typer.Argument(..., help="Analysis JSONs (from analyze --json) or checkpoints (analysed "
                                         "first, with the options below); any number, globs allowed.",
@@ -560,14 +605,8 @@ def report(
     style: str = typer.Option("screen", "--style", help="Figure size preset: screen, paper (7 in, double "
                               "column), paper-single (3.5 in panels, with --panels), slides (16:9)."),
     panels: bool = typer.Option(False, "--panels", help="Also write one file per panel (<figure>-p<k>.<fmt>)."),
-    config: Optional[Path] = CONFIG,
-    heads: Optional[int] = HEADS,
-    kv_heads: Optional[int] = KV_HEADS,
-    head_dim: Optional[int] = HEAD_DIM,
-    family: Optional[str] = FAMILY,
-    layers: Optional[str] = LAYERS,
-    energy: str = ENERGY,
-    tol: Optional[float] = TOL,
+    source: ModelSource = None,
+    measure: AnalysisOptions = None,
     revision: Optional[str] = REVISION,
     device: str = DEVICE,
     overwrite: bool = OVERWRITE,
@@ -583,13 +622,13 @@ def report(
     if style not in ("screen", "paper", "paper-single", "slides"):
         raise InputError(f"--style: {style!r} is not one of screen, paper, paper-single, slides")
     paths = expand_sources(list(sources) + list(compare or []))
-    if layers:
+    if measure.layers:
         from .usage import parse_layer_spec
 
-        parse_layer_spec(layers)
+        parse_layer_spec(measure.layers)
     fmts = options.formats(formats)
-    energies = _analysis_options(energy, tol, device)
-    inputs = [*paths, config]
+    energies = _analysis_options(measure.energy, measure.tol, device)
+    inputs = [*paths, source.config]
     claim(out, "report", inputs=inputs, overwrite=overwrite)
     from .report import build_report, load_analyses
 
@@ -598,9 +637,8 @@ def report(
         if p.endswith(".json"):
             docs.extend(load_analyses(p))
         else:
-            docs.extend(_analysis_docs([p], quiet, False, config=config, heads=heads, kv_heads=kv_heads,
-                                       head_dim=head_dim, family=family, layers=layers, energy=energies,
-                                       tol=tol, device=device, revision=revision))
+            docs.extend(_analysis_docs([p], quiet, False, **asdict(source), layers=measure.layers,
+                                       energy=energies, tol=measure.tol, device=device, revision=revision))
     written = build_report(docs, out, formats=fmts, labels=label or None, style=style, panels=panels,
                            overwrite=overwrite, inputs=inputs)
     if not quiet:

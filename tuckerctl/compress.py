@@ -8,7 +8,7 @@ from a fixed triple, a per-mode energy threshold, or a global parameter budget.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -223,7 +223,7 @@ def _concurrently(calls, dev: torch.device) -> list:
         return list(pool.map(run, calls))
 
 
-def compress(path, out, *, ranks: str | None = None, ranks_post: str | None = None,
+def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post: Sequence[int] | str | None = None,
              energy: float | None = None, params: float | None = None, hooi_iters: int = 2,
              device: str = "auto", dtype: str | None = None, overwrite: bool = False,
              structure: str = "auto", config=None, heads=None, kv_heads=None, head_dim=None, family=None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 from .errors import InputError
 
@@ -54,13 +55,13 @@ def positive_int(value: int, option: str) -> int:
     return value
 
 
-def parse_ranks(text: str | None, option: str) -> tuple[int, int, int] | None:
-    """``"8,128,64"`` -> (8, 128, 64); errors name the option."""
+def parse_ranks(text: str | Sequence[int] | None, option: str) -> tuple[int, int, int] | None:
+    """``"8,128,64"`` or (8, 128, 64) -> (8, 128, 64), checked; errors name the option."""
     if text is None:
         return None
     try:
-        ranks = tuple(int(t) for t in text.split(","))
-    except ValueError:
+        ranks = tuple(int(t) for t in (text.split(",") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
         raise InputError(f"{option}: cannot parse {text!r} (use three integers, e.g. 8,128,64)") from None
     if len(ranks) != 3 or min(ranks) <= 0:
         raise InputError(f"{option}: need three positive ranks (head,query,key), got {text!r}")
