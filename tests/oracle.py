@@ -32,6 +32,17 @@ def save_tiny(model_cls, config, path):
     return model
 
 
+def save_llama(path, **config):
+    """A random ``LlamaForCausalLM`` (seed 0) of the given config sizes, saved with
+    ``save_pretrained`` but without generation_config.json: weights and config only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    return path
+
+
 _BUILT: dict = {}
 
 
@@ -114,30 +125,38 @@ class CliRun:
 def run_cli(*args) -> CliRun:
     """``tuckerctl ARGS`` in this process: ``cli.main`` (with its exit-code mapping) inside
     typer's CliRunner isolation, which captures stdout and stderr. Saves the 4-5 s torch
-    import of a subprocess; keep subprocesses for what needs the process boundary."""
+    import of a subprocess; keep subprocesses for what needs the process boundary. The
+    signal handlers ``main`` installs are put back afterwards."""
+    import signal
+
     from typer.testing import CliRunner
 
     from tuckerctl.cli import main
 
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     with CliRunner().isolation() as (out, err, _):
         try:
             main([str(a) for a in args])
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
         sys.stdout.flush()  # the isolation's text wrappers buffer; the bytes are read below
         sys.stderr.flush()
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return CliRun(code, stdout, stderr)
 
 
-def assert_user_error(res, *fragments):
+def assert_user_error(res, *fragments) -> str:
     """Exit 2 with exactly one stderr line containing every fragment, no traceback
-    (``res``: a CliRun or a subprocess.CompletedProcess)."""
+    (``res``: a CliRun or a subprocess.CompletedProcess); returns that line."""
     code = res.code if isinstance(res, CliRun) else res.returncode
     assert code == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
+    return lines[0]

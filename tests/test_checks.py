@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import assert_user_error, run_cli
 from safetensors.torch import load_file, save_file
-from test_data_safety import _cli
-from test_hostile import one_line_exit2
 
 import tuckerctl
 from tuckerctl.compress import compress
@@ -58,9 +57,6 @@ def _poke(ck: Path, name: str, values: torch.Tensor) -> None:
         f.write(data)
 
 
-_one_line_exit2 = one_line_exit2  # one definition, in test_hostile
-
-
 @pytest.mark.parametrize("name,fill", [
     ("tucker.layers.0.pre.head", float("nan")),      # a factor all NaN
     ("tucker.layers.1.post.core", float("inf")),     # a core +Inf
@@ -71,11 +67,11 @@ def test_corrupted_bytes_are_caught(pair, tmp_path, name, fill):
     bad = _copy(ck, tmp_path / "bad")
     shape = open_checkpoint(bad).shape(name)
     _poke(bad, name, torch.full(shape, fill))
-    _one_line_exit2(_cli("verify", bad, "--against", src, "--device", "cpu"), name, "digest")
+    assert_user_error(run_cli("verify", bad, "--against", src, "--device", "cpu"), name, "digest")
     with pytest.raises(InputError, match="digest"):
         tuckerctl.load(bad).layer(int(name.split(".")[2]))
     # The intact original still verifies.
-    assert _cli("verify", ck, "--against", src, "--device", "cpu", "-q")[0] == 0
+    assert run_cli("verify", ck, "--against", src, "--device", "cpu", "-q").code == 0
 
 
 def _rewrite(ck: Path, edit_tensors=None, edit_info=None) -> None:
@@ -104,7 +100,7 @@ def test_non_finite_with_a_forged_digest_is_still_caught(pair, tmp_path):
         info["digests"][name] = hashlib.sha256(tensors[name].numpy().tobytes()).hexdigest()
 
     _rewrite(bad, nan_core)
-    _one_line_exit2(_cli("verify", bad, "--against", src, "--device", "cpu"), name, "NaN/Inf")
+    assert_user_error(run_cli("verify", bad, "--against", src, "--device", "cpu"), name, "NaN/Inf")
 
 
 @pytest.mark.parametrize("edit,fragment", [
@@ -118,7 +114,7 @@ def test_altered_metadata_is_refused(pair, tmp_path, edit, fragment):
     src, ck = pair
     bad = _copy(ck, tmp_path / "bad")
     _rewrite(bad, edit_info=edit)
-    _one_line_exit2(_cli("verify", bad, "--against", src, "--device", "cpu"), fragment)
+    assert_user_error(run_cli("verify", bad, "--against", src, "--device", "cpu"), fragment)
 
 
 def test_worst_keeps_nan_wherever_it_is():
@@ -145,17 +141,17 @@ def _set_source(src: Path, dst: Path, name_part: str, value: float) -> str:
 def test_non_finite_source_weights_exit_2_naming_the_tensor(pair, tmp_path, value):
     src, _ = pair
     name = _set_source(src, tmp_path / "m", "layers.1.self_attn.k_proj.weight", value)
-    _one_line_exit2(_cli("analyze", tmp_path / "m", "--device", "cpu", "-q"), name, "NaN/Inf")
-    _one_line_exit2(_cli("compress", tmp_path / "m", "-o", tmp_path / "out", "--ranks", "2,8,8", "--device", "cpu"),
-                    name)
+    assert_user_error(run_cli("analyze", tmp_path / "m", "--device", "cpu", "-q"), name, "NaN/Inf")
+    res = run_cli("compress", tmp_path / "m", "-o", tmp_path / "out", "--ranks", "2,8,8", "--device", "cpu")
+    assert_user_error(res, name)
     assert not (tmp_path / "out").exists()
 
 
 def test_nan_bias_is_reported_not_compressed(tmp_path):
     src = _llama(tmp_path / "src", bias=True)
     name = _set_source(src, tmp_path / "m", "layers.0.self_attn.v_proj.bias", float("nan"))
-    _one_line_exit2(_cli("compress", tmp_path / "m", "-o", tmp_path / "out", "--ranks", "2,8,8", "--device", "cpu"),
-                    name, "NaN/Inf")
+    res = run_cli("compress", tmp_path / "m", "-o", tmp_path / "out", "--ranks", "2,8,8", "--device", "cpu")
+    assert_user_error(res, name, "NaN/Inf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "src"]
 
 
@@ -163,8 +159,8 @@ def test_json_is_strict(pair, tmp_path, capsys):
     with pytest.raises(InputError, match=r"layers\[1\]\.err"):
         dumps_strict({"layers": [{"err": 0.1}, {"err": float("nan")}]})
     src, ck = pair
-    code, _ = _cli("verify", ck, "--against", src, "--device", "cpu", "--json", "-q", "--output", tmp_path / "v.json")
-    assert code == 0
+    res = run_cli("verify", ck, "--against", src, "--device", "cpu", "--json", "-q", "--output", tmp_path / "v.json")
+    assert res.code == 0, res.stderr
 
     def reject(constant):
         raise AssertionError(f"non-strict JSON constant {constant}")

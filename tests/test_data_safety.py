@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import assert_user_error, run_cli, save_llama
 from safetensors.torch import save_file
 
-from tuckerctl import cli, outputs
+from tuckerctl import outputs
 from tuckerctl.errors import InputError
 
 CLI = [sys.executable, "-m", "tuckerctl"]
@@ -48,14 +49,9 @@ def _fake_outputs(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("safety-template")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      num_hidden_layers=2, intermediate_size=16, vocab_size=20)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    (root / "model" / "generation_config.json").unlink(missing_ok=True)
+    save_llama(root / "model", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+               num_hidden_layers=2, intermediate_size=16, vocab_size=20)
     os.symlink("model", root / "link")
     # A Hugging Face cache snapshot: files are symlinks into ../../blobs.
     blobs, snap = root / "hf" / "blobs", root / "hf" / "snapshots" / "r1"
@@ -65,8 +61,8 @@ def template(tmp_path_factory):
     shutil.copy(root / "model" / "config.json", blobs / "b2")
     os.symlink("../../blobs/b1", snap / "model.safetensors")
     os.symlink("../../blobs/b2", snap / "config.json")
-    assert _cli("compress", root / "model", "-o", root / "ck", "--ranks", "2,8,8", "--no-check", "-q")[0] == 0
-    assert _cli("analyze", root / "model", "--output", root / "a.json", "-q")[0] == 0
+    assert run_cli("compress", root / "model", "-o", root / "ck", "--ranks", "2,8,8", "--no-check", "-q").code == 0
+    assert run_cli("analyze", root / "model", "--output", root / "a.json", "-q").code == 0
     os.symlink("a.json", root / "a_link.json")
     _fake_outputs(root)
     (root / "model" / "old.json").write_text(json.dumps({"schema": "tuckerctl.analysis/1"}))
@@ -93,25 +89,6 @@ def snapshot(root: Path) -> dict[str, str]:
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def _cli(*args) -> tuple[int, str]:
-    """Run ``tuckerctl.cli.main`` in-process; returns (exit code, stderr)."""
-    import io
-
-    argv, stderr, handlers = sys.argv, sys.stderr, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    sys.argv, sys.stderr = ["tuckerctl", *map(str, args)], io.StringIO()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        text = sys.stderr.getvalue()
-        sys.argv, sys.stderr = argv, stderr
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return code, text
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -200,7 +177,7 @@ def _run_case(root: Path, command: str, form: str, target: str, overwrite: bool)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        return _cli(*args)
+        return run_cli(*args)
     finally:
         os.chdir(cwd)
 
@@ -210,10 +187,7 @@ def _run_case(root: Path, command: str, form: str, target: str, overwrite: bool)
     for c in CASES if not expected_ok(*c)])
 def test_refused_and_nothing_changed(shared, command, form, target, overwrite):
     before = snapshot(shared)
-    code, text = _run_case(shared, command, form, target, overwrite)
-    assert code == 2, text
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in text, text
+    assert_user_error(_run_case(shared, command, form, target, overwrite))
     assert snapshot(shared) == before  # every byte, link and directory as it was
 
 
@@ -243,8 +217,8 @@ def test_allowed_writes_only_the_target(template, tmp_path, monkeypatch, command
     root = tmp_path / "t"
     shutil.copytree(template, root, symlinks=True)
     before = snapshot(root)
-    code, text = _run_case(root, command, form, target, overwrite)
-    assert code == 0, text
+    res = _run_case(root, command, form, target, overwrite)
+    assert res.code == 0, res.stderr
     after = snapshot(root)
     written = {target, os.path.relpath(os.path.realpath(root / target), os.path.realpath(root))}
     written |= {"ck_new"} if command == "compress --output" else set()
@@ -328,9 +302,8 @@ def test_write_faults_are_one_line_and_leave_nothing(template, tmp_path, monkeyp
     else:
         monkeypatch.setattr(Path, "write_text", fail)
         args = ["analyze", root / "model", "--output", root / "out", "--layers", "0", "-q"]
-    code, text = _cli(*args)
-    assert code == 2 and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
-    assert os.strerror(err).lower().split()[0] in text.lower() or "cannot write" in text
+    line = assert_user_error(run_cli(*args))
+    assert os.strerror(err).lower().split()[0] in line.lower() or "cannot write" in line
     assert snapshot(root) == before  # no output, no temp directory, inputs intact
 
 
@@ -390,8 +363,8 @@ def test_umask_is_respected(template, tmp_path, mask):
     shutil.copytree(template, root, symlinks=True)
     old = os.umask(mask)
     try:
-        assert _cli("compress", root / "model", "-o", root / "ck2", "--ranks", "2,8,8", "--no-check", "-q",
-                    "--output", root / "c.json")[0] == 0
+        assert run_cli("compress", root / "model", "-o", root / "ck2", "--ranks", "2,8,8", "--no-check", "-q",
+                       "--output", root / "c.json").code == 0
     finally:
         os.umask(old)
     assert (root / "ck2").stat().st_mode & 0o777 == 0o777 & ~mask

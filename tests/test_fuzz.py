@@ -128,15 +128,8 @@ def test_deep_nesting_and_duplicates(tmp_path):
 # ----------------------------------------------------------------------------- shard indexes
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("fuzz-tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4, num_hidden_layers=2,
-                      intermediate_size=8, vocab_size=10)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    return root / "model"
+def tiny(small_llama):
+    return small_llama
 
 
 SHARD = st.one_of(st.sampled_from(["model.safetensors", "../model.safetensors", "/etc/passwd", "./model.safetensors",

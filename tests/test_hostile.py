@@ -10,36 +10,18 @@ import struct
 
 import pytest
 import torch
+from oracle import assert_user_error, run_cli
 from safetensors.torch import save_file
-from test_data_safety import _cli
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4, num_hidden_layers=2,
-                      intermediate_size=8, vocab_size=10)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    (root / "model" / "generation_config.json").unlink(missing_ok=True)
-    return root / "model"
+def model(small_llama):
+    return small_llama
 
 
 def _copy(model, dst):
     shutil.copytree(model, dst)
     return dst
-
-
-def one_line_exit2(code_text, *fragments):
-    code, text = code_text
-    assert code == 2, text
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in text, text
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 class Hung(Exception):
@@ -77,8 +59,8 @@ def test_fifo_and_devices_do_not_hang(model, tmp_path, where):
     else:
         os.mkfifo(d / "model.safetensors.index.json")
         args = ["analyze", d]
-    one_line_exit2(_in_thread_with_timeout(lambda: _cli(*args)), "not a regular file")
-    one_line_exit2(_cli("analyze", "/dev/zero"), "/dev/zero")
+    assert_user_error(_in_thread_with_timeout(lambda: run_cli(*args)), "not a regular file")
+    assert_user_error(run_cli("analyze", "/dev/zero"), "/dev/zero")
 
 
 @pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "link.safetensors"])
@@ -90,7 +72,7 @@ def test_shard_index_confined_to_the_model_folder(model, tmp_path, shard):
     (d / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.layers.0.self_attn.q_proj.weight": shard,
                         "x": "model-00001-of-00001.safetensors"}}))
-    line = one_line_exit2(_cli("analyze", d), "model folder")
+    line = assert_user_error(run_cli("analyze", d), "model folder")
     assert "SECRET" not in line and "root:" not in line
 
 
@@ -105,8 +87,8 @@ def test_hf_cache_snapshot_links_are_accepted(model, tmp_path):
     os.symlink("../../blobs/b2", snap / "config.json")
     (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00001.safetensors"}}))
-    code, text = _cli("analyze", snap, "--layers", "0", "-q")
-    assert code == 0, text
+    res = run_cli("analyze", snap, "--layers", "0", "-q")
+    assert res.code == 0, res.stderr
 
 
 @pytest.mark.parametrize("value", [10**12, 10**8])
@@ -115,7 +97,7 @@ def test_absurd_layer_count_fails_before_allocating(model, tmp_path, value):
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_hidden_layers"] = value
     (d / "config.json").write_text(json.dumps(cfg))
-    one_line_exit2(_in_thread_with_timeout(lambda: _cli("analyze", d), 30), "missing tensor", str(value))
+    assert_user_error(_in_thread_with_timeout(lambda: run_cli("analyze", d), 30), "missing tensor", str(value))
 
 
 def _rewrite_header(path, edit, trailing=b""):
@@ -141,10 +123,10 @@ def test_unread_unknown_dtypes_do_not_make_the_file_unreadable(model, tmp_path):
         h["extra.complex"]["dtype"] = "C64"
 
     _rewrite_header(d / "model.safetensors", retag)
-    code, text = _cli("analyze", d, "--layers", "0", "-q")
-    assert code == 0, text
-    code, text = _cli("compress", d, "-o", tmp_path / "out", "--ranks", "2,4,4", "--no-check", "-q")
-    assert code == 0, text  # copied byte for byte
+    res = run_cli("analyze", d, "--layers", "0", "-q")
+    assert res.code == 0, res.stderr
+    res = run_cli("compress", d, "-o", tmp_path / "out", "--ranks", "2,4,4", "--no-check", "-q")
+    assert res.code == 0, res.stderr  # copied byte for byte
 
 
 @pytest.mark.parametrize("case", ["overlap", "out-of-order", "trailing", "duplicate", "nan", "deep", "types"])
@@ -177,13 +159,13 @@ def test_malformed_headers_match_the_library(model, tmp_path, case):
         _rewrite_header(path, lambda h: b"[" * 50000 + b"]" * 50000)
     else:
         _rewrite_header(path, lambda h: h["model.norm.weight"].update(shape=["16"]))
-    one_line_exit2(_cli("analyze", d), "model.safetensors")
+    assert_user_error(run_cli("analyze", d), "model.safetensors")
 
 
 @pytest.mark.parametrize("name", ["[v1]", "[/x]", "[link=https://e.com]a[/link]", "a\x1b[31mred", "[bold]b"])
 def test_markup_and_escapes_in_paths_are_printed_literally(tmp_path, name):
     p = tmp_path / name / "model.safetensors"
-    line = one_line_exit2(_cli("analyze", p))
+    line = assert_user_error(run_cli("analyze", p))
     shown = name.replace("\x1b", "\\x1b")
     assert shown in line.replace("https:/e", "https://e"), line
     assert "\x1b" not in line
@@ -203,5 +185,5 @@ def test_summary_md_escapes_what_it_embeds():
     (["--params", "inf"], "--params")])
 def test_argument_errors_before_any_output(model, tmp_path, args, fragment):
     rank = [] if "--energy" in args or "--params" in args else ["--ranks", "2,4,4"]
-    one_line_exit2(_cli("compress", model, "-o", tmp_path / "out", *rank, *args), fragment)
+    assert_user_error(run_cli("compress", model, "-o", tmp_path / "out", *rank, *args), fragment)
     assert not (tmp_path / "out").exists()
