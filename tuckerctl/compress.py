@@ -28,6 +28,8 @@ from .outputs import claim
 from .ranks import tucker_params
 from .tucker_format import (
     PARTS,
+    PER_HEAD,
+    PER_HEAD_PARTS,
     QK_INPUT,
     QK_INPUT_PARTS,
     SCHEMA,
@@ -66,29 +68,59 @@ def choose_structure(spec, structure: str) -> str:
 
 
 def qk_input_params(shape, ranks, heads: int, groups: int, head_dim: int) -> int:
-    """Numbers in the qk_input structure: U2, U3 and the per-head/per-group coordinates."""
+    """Numbers in the qk_input structure with both sides factored: U2, U3 and the
+    per-head/per-group coordinates (see :func:`side_params` for sides kept whole)."""
     _, m, n = shape
     _, r2, r3 = ranks
     return m * r2 + n * r3 + heads * r2 * head_dim + groups * r3 * head_dim
 
 
-def _spectra_for_allocation(stack, spectra, structure: str, head_dim: int) -> TensorSpectra:
-    """What the allocator sees of one tensor. For ``qk_input`` the head mode is not
-    truncated and the parameters are ``(m + H d_h) r2 + (n + G d_h) r3``: presented as a
-    one-value head spectrum on widened left/right modes, whose Tucker count
-    ``r2 r3 + H + (m + H d_h) r2 + (n + G d_h) r3`` bounds it from above (the budget holds)."""
-    sig = tuple(x.cpu().tolist() for x in spectra)
-    if structure != QK_INPUT:
-        # Exact truncated-HOSVD errors on the allocation grid when the full core is affordable.
-        red = reduce(stack)
-        if table_flops(red) > EXACT_TABLE_MAX_FLOPS:
-            return TensorSpectra(stack.shape, sig)
-        grid = allocation_grid([max(1, len(x)) for x in sig])
-        table, _ = hosvd_residuals(red, grid)
-        return TensorSpectra(stack.shape, sig, table.cpu().tolist(), grid)
+def side_params(rows: int, count: int, width: int, rank: int | None, d: int | None = None) -> int:
+    """Numbers stored for one side of a per-head structure: ``rows x rank`` subspace plus
+    ``count`` coordinate blocks ``rank x width``; ``rank`` None = the side kept whole (no
+    subspace written, the coordinates are the original ``rows x width`` blocks, counted
+    without a bias row beyond ``d``, as the original projections' count is)."""
+    return min(rows, d or rows) * count * width if rank is None else rank * (rows + count * width)
+
+
+def _sides(stack) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(rows, blocks, width) of the left (query/output) and right (key/value) sides."""
     H, m, n = stack.shape
-    return TensorSpectra((H, m + H * head_dim, n + stack.groups * head_dim),
-                         ([sum(v * v for v in sig[0]) ** 0.5], sig[1], sig[2]), tucker=False)
+    w = stack.left.shape[2]
+    return (m, H, w), (n, stack.groups, w)
+
+
+def per_head_params(stack, ranks, d: int) -> int:
+    """Parameters of the per-head structure (qk_input, per_head) at ``(H, r2, r3)``
+    (None = that side kept whole); ``d`` the model width (rows beyond it hold biases)."""
+    (m, H, w), (n, G, _) = _sides(stack)
+    return side_params(m, H, w, ranks[1], d) + side_params(n, G, w, ranks[2], d)
+
+
+def _side_spectra(stack, spectra, d: int) -> list:
+    """The allocator's view of the two sides of a per-head tensor (in its metric): the side's
+    mode spectrum, the parameters per rank step and those of the side kept whole. The
+    squared tails of both sides, over ||W||^2, add up to the truncated-HOSVD bound of the
+    tensor's relative squared error (the head mode is never truncated)."""
+    from .lowrank import Spectrum
+
+    out = []
+    for (rows, count, width), sig in zip(_sides(stack), (spectra.left, spectra.right)):
+        out.append(Spectrum(None, None, sig.double().cpu(), None, None, min(rows, d) * count * width,
+                            rows + count * width))
+    return out
+
+
+def _spectra_for_allocation(stack, spectra) -> TensorSpectra:
+    """What the allocator sees of one 3-mode Tucker tensor: its mode spectra and, when the
+    full core is affordable, the exact truncated-HOSVD errors on the allocation grid."""
+    sig = tuple(x.cpu().tolist() for x in spectra)
+    red = reduce(stack)
+    if table_flops(red) > EXACT_TABLE_MAX_FLOPS:
+        return TensorSpectra(stack.shape, sig)
+    grid = allocation_grid([max(1, len(x)) for x in sig])
+    table, _ = hosvd_residuals(red, grid)
+    return TensorSpectra(stack.shape, sig, table.cpu().tolist(), grid)
 
 
 def _metric(stack, key: str, moments, index: int):
@@ -109,45 +141,73 @@ def _whitened(stack, left, right):
 
 
 def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure, moments=None,
-                  group: Group = SINGLE):
+                  group: Group = SINGLE, tensors: str = "both"):
     """Pass 1 for --params: spectra of every tensor (in the activation metric when
     calibrated; this rank's share of the layers, then gathered from every rank), then a
-    global allocation."""
+    global allocation. With the per-head structures (qk_input pre, per_head post) each
+    side of each tensor is a rank-or-whole choice, allocated like the per-matrix baseline
+    (:func:`tuckerctl.lowrank.allocate`); returns {(layer, tensor): (H, r2, r3)} with None
+    for a side kept whole. A tensor not in ``tensors`` is kept whole on both sides."""
     mine = []
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, group.shard(indices), dev)):
-        pair = []
+        pair, whole = [], {}
         for key in ("pre", "post"):
             stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
+            whole[key] = per_head_params(stack, (stack.heads, None, None), spec.d)
             metric_stack = _whitened(stack, *_metric(stack, key, moments, layer.index))
             s = mode_spectra(reduce(metric_stack))
-            pair.append(_spectra_for_allocation(metric_stack, s, structure if key == "pre" else TUCKER,
-                                                spec.head_dim))
-        mine.append((layer.index, layer.params, pair))
+            if structure == QK_INPUT:
+                pair.append((stack.heads, _side_spectra(stack, s, spec.d)))
+            else:
+                pair.append(_spectra_for_allocation(metric_stack, s))
+        mine.append((layer.index, layer.params, pair, whole))
         if progress:
             progress(k + 1, 2 * len(indices))
     every = sorted((item for part in group.all_gather(mine) for item in part), key=lambda item: item[0])
     original = sum(item[1] for item in every)
-    tensors = [t for item in every for t in item[2]]
     budget = int(params * original)
+    if structure == QK_INPUT:
+        from .lowrank import allocate
+
+        free = [(i, key, side, sp) for i, _, pair, _ in every for key, (_, sides) in zip(("pre", "post"), pair)
+                for side, sp in enumerate(sides) if tensors in (key, "both")]
+        kept = sum(sp.params_dense for _, _, pair, _ in every for key, (_, sides) in zip(("pre", "post"), pair)
+                   for sp in sides if tensors not in (key, "both"))
+        if budget - kept < 0:
+            raise InputError(f"--params {params}: the tensor kept as it is already uses more than that")
+        chosen = dict(zip([(i, key, side) for i, key, side, _ in free],
+                          allocate([sp for *_, sp in free], budget - kept)))
+        return {(i, key): (H, chosen.get((i, key, 0)), chosen.get((i, key, 1)))
+                for i, _, pair, _ in every for key, (H, _) in zip(("pre", "post"), pair)}
+    keys = [(item[0], key) for item in every for key in ("pre", "post") if tensors in (key, "both")]
+    free = [t for item in every for key, t in zip(("pre", "post"), item[2]) if tensors in (key, "both")]
+    # A kept tensor costs its original projections (stored whole).
+    kept = sum(item[3][key] for item in every for key in ("pre", "post") if tensors not in (key, "both"))
     try:
-        chosen = allocate_budget(tensors, budget)
+        chosen = allocate_budget(free, budget - kept)
     except ValueError as e:
         raise InputError(f"--params {params}: {e}") from None
-    return {(i, key): chosen[2 * j + (key == "post")] for j, i in enumerate(indices) for key in ("pre", "post")}
+    return dict(zip(keys, chosen))
 
 
-def _qk_input(layer, stack, want, hooi_iters, store, left=None, right=None):
-    """The qk_input structure of one layer's pre tensor: the input-side subspaces U2, U3
-    of a Tucker fit with the head mode kept whole (so the reported error is exactly
-    ||W - U2 U2^T W U3 U3^T|| / ||W||), and each head's/group's coordinates in them,
-    taken from the un-gained factors (the model's qk-norm runs on those).
+def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None):
+    """A per-head structure of one layer tensor: ``qk_input`` (pre) or ``per_head``
+    (post). Only the input/output sides are truncated, the head mode is kept whole: the
+    subspaces U2, U3 of a Tucker fit at ranks (H, r2, r3) (so the reported error is exactly
+    ||W - U2 U2^T W U3 U3^T|| / ||W||), and each head's/group's coordinates in them, taken
+    from the un-gained factors (the model's qk-norm runs on those). A side whose rank in
+    ``want`` is None is kept whole: no subspace is written and its coordinates are the
+    original per-head (per-group) blocks, exactly.
 
     Calibrated (whiteners ``left``/``right``, S^2 = C): the fit runs on S A_h, S B_g and
     U2 = S^-1 V2, so the projection is the oblique U2 (U2^T S^2) = S^-1 V2 V2^T S and the
-    coordinates are U2^T S^2 A_h (likewise for the key side). Returns (Tucker, ranks,
-    tensors, activation-weighted error or None)."""
+    coordinates are U2^T S^2 A_h (likewise for the other side). Returns (Tucker, ranks,
+    tensors, activation-weighted error or None); a whole side's rank is its full width."""
     H = stack.heads
-    got = clamp_ranks(stack, (H, want[1], want[2]))
+    ceil = clamp_ranks(stack, (H, stack.shape[1], stack.shape[2]))
+    whole = (want[1] is None, want[2] is None)
+    fit = (H, ceil[1] if whole[0] else want[1], ceil[2] if whole[1] else want[2])
+    got = clamp_ranks(stack, fit)
     weighted = None
     if left is None and right is None:
         t = tucker(stack, got, hooi_iters=hooi_iters)
@@ -155,38 +215,81 @@ def _qk_input(layer, stack, want, hooi_iters, store, left=None, right=None):
         wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
         t, weighted = wt.tucker, wt.weighted_error
     _, U2, U3 = t.factors
-    raw = (layer.pre_ungained or layer.pre).to(device=U2.device, dtype=U2.dtype)
+    if key == "pre":
+        raw = (layer.pre_ungained or layer.pre).to(device=U2.device, dtype=U2.dtype)
+    else:
+        raw = layer.post.to(device=U2.device, dtype=U2.dtype)
     if raw.left_basis is not None or raw.right_basis is not None:
-        raise InputError("--structure qk-input needs per-head query/key factors (not MLA latents)")
-    P2 = U2.T if left is None else U2.T @ (left.S @ left.S).to(U2)
-    P3 = U3.T if right is None else U3.T @ (right.S @ right.S).to(U3)
-    tensors = dict(zip(QK_INPUT_PARTS, (U2, U3, P2 @ raw.left, P3 @ raw.right)))
-    if layer.qk_gains is not None:
+        raise InputError(f"--structure qk-input needs per-head {key} factors (not MLA latents)")
+    names = QK_INPUT_PARTS if key == "pre" else PER_HEAD_PARTS
+    tensors = {}
+    for side, (U, w, coords) in enumerate(((U2, left, raw.left), (U3, right, raw.right))):
+        if whole[side]:  # identity subspace: not written; the coordinates are the original blocks
+            tensors[names[2 + side]] = coords
+            continue
+        P = U.T if w is None else U.T @ (w.S @ w.S).to(U)
+        tensors[names[side]] = U
+        tensors[names[2 + side]] = P @ coords
+    if key == "pre" and layer.qk_gains is not None:
         tensors["query_gain"], tensors["key_gain"] = (g.to(U2) for g in layer.qk_gains)
     out = {k: v.to(store).cpu().contiguous() for k, v in tensors.items()}
+    shape = stack.shape
+    got = (H, shape[1] if whole[0] else got[1], shape[2] if whole[1] else got[2])
     return t, got, out, weighted
 
 
-def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_post, kind, hooi_iters, store, spec):
+def _per_head_energy(stack, left, right, energy, d: int):
+    """Per-side ranks for --energy in a per-head structure: the smallest rank holding
+    ``energy`` of the side's (weighted) spectrum, or None (kept whole) where that rank
+    would not save parameters."""
+    from .lowrank import energy_rank as side_rank
+
+    s = mode_spectra(reduce(_whitened(stack, left, right)))
+    return (stack.heads, *(side_rank(sp, energy) for sp in _side_spectra(stack, s, d)))
+
+
+def tensor_structure(key: str, kind: str, fixed: bool, kept: bool) -> str:
+    """Structure of one tensor: the pre-softmax one follows ``kind`` (``qk_input`` or
+    ``tucker``); the value-output one is ``per_head`` when kept as it is (``--tensors``),
+    and with qk_input models under --params/--energy (its per-side cost never exceeds the
+    original's, where the 3-mode core can cost 2x W_V + W_O), else the 3-mode ``tucker``."""
+    if key == "pre":
+        return QK_INPUT if kept else kind
+    return PER_HEAD if kept or (kind == QK_INPUT and not fixed) else TUCKER
+
+
+def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_post, kind, hooi_iters, store, spec,
+                     tensors="both"):
     """One tensor of a layer: ranks, decomposition, factors on the host. Returns (record
     entry, {part: tensor}, notes)."""
     notes = []
     stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
-    left, right = _metric(stack, key, calib, layer.index)
-    if budget is not None:
+    kept = tensors not in (key, "both")
+    structure = tensor_structure(key, kind, fixed_pre is not None, kept)
+    left, right = (None, None) if kept else _metric(stack, key, calib, layer.index)
+    per_head = structure in (QK_INPUT, PER_HEAD)
+    if kept:
+        want = (stack.heads, None, None)
+    elif budget is not None:
         want = budget[(layer.index, key)]
+    elif energy is not None and per_head:
+        want = _per_head_energy(stack, left, right, energy, spec.d)
     elif energy is not None:
         s = mode_spectra(reduce(_whitened(stack, left, right)))
         want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
     else:
         want = fixed_pre if key == "pre" else fixed_post
-    if key == "pre" and kind == QK_INPUT:
-        t, got, parts, weighted = _qk_input(layer, stack, want, hooi_iters, store, left, right)
-        want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
-        count = qk_input_params(stack.shape, got, stack.heads, stack.groups, spec.head_dim)
+    if per_head:
+        if fixed_pre is not None and not kept:
+            want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
+        t, got, parts, weighted = _per_head(layer, key, stack, want, hooi_iters, store, left, right)
+        whole = [w is None for w in want[1:]]
+        want = tuple(g if w is None else w for g, w in zip(got, want))
+        count = per_head_params(stack, [None if w else r for w, r in zip([False, *whole], got)], spec.d)
     else:
         got = clamp_ranks(stack, want)
         weighted = None
+        whole = None
         if calib is None:
             t = tucker(stack, got, hooi_iters=hooi_iters)
         else:
@@ -196,10 +299,16 @@ def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_po
         count = tucker_params(stack.shape, t.ranks)
     if tuple(got) != tuple(want):
         notes.append(f"layer {layer.index} {key}: ranks {list(want)} clamped to the mode ceilings {list(got)}")
-    entry = {"shape": list(stack.shape), "ranks": list(got), "rel_error": t.rel_error,
-             "rel_error_hosvd": t.errors[0], "params": count}
+    entry = {"shape": list(stack.shape), "ranks": list(got), "rel_error": 0.0 if kept else t.rel_error,
+             "rel_error_hosvd": 0.0 if kept else t.errors[0], "params": count}
+    if whole is not None:
+        entry["whole_sides"] = whole  # sides kept whole (no subspace written)
+    if key == "post":
+        entry["structure"] = structure
+    if kept:
+        entry["kept"] = True
     if calib is not None:  # rel_error is then the weight-space error of the mapped-back factors
-        entry["activation_rel_error"] = weighted
+        entry["activation_rel_error"] = 0.0 if kept else weighted
         entry["metric_condition"] = [None if w is None else w.condition for w in (left, right)]
     return entry, parts, notes
 
@@ -252,8 +361,9 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
         raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
     if tensors not in TENSORS:
         raise InputError(f"--tensors: {tensors!r} is not one of {', '.join(TENSORS)}")
-    if method == "tucker" and tensors != "both":
-        raise InputError("--tensors pre|post: only --method svd can keep the other tensor as it is so far")
+    if method == "tucker" and tensors != "both" and structure == "tucker":
+        raise InputError("--tensors pre|post: the kept tensor is stored in the per-head structure, which "
+                         "--structure tucker excludes")
     if method == "svd" and fixed_pre is not None:
         raise InputError("--method svd takes --params or --energy, not --ranks")
     if calib_tokens < 2:
@@ -284,7 +394,7 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
         progress = None
     budget = _budget_ranks(adapter, ckpt, spec, indices, params, dev,
                            (lambda d, t: progress(d, steps)) if progress else None,
-                           kind, calib, group) if params is not None else None
+                           kind, calib, group, tensors) if params is not None else None
     done = []  # per layer of this rank's share: (record, factors, notes)
     store = None
     for k, layer in enumerate(iter_layers(adapter, ckpt, spec, group.shard(indices), dev)):
@@ -292,9 +402,9 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
             dtype = dtype or _SOURCE_STORE.get(ckpt.dtype(layer.tensors[0]), "float32")
             store = STORE_DTYPES[dtype]
         rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors,
-               "structure": kind}
+               "structure": tensor_structure("pre", kind, fixed_pre is not None, tensors == "post")}
         outs = _concurrently([partial(_compress_tensor, layer, key, dev, calib, budget, energy, fixed_pre, fixed_post,
-                                      kind, hooi_iters, store, spec) for key in ("pre", "post")], dev)
+                                      kind, hooi_iters, store, spec, tensors) for key in ("pre", "post")], dev)
         factors: dict[str, torch.Tensor] = {}
         notes = []
         for key, (entry, parts, note) in zip(("pre", "post"), outs):
@@ -319,7 +429,7 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
         store = STORE_DTYPES[dtype]
     # qk_input keeps the model's own qk-norm modules: their tensors stay in the output.
     replaced = {n for rec in records for n in rec["source_tensors"]
-                if not (kind == QK_INPUT and n.endswith(("q_norm.weight", "k_norm.weight")))}
+                if not (rec["structure"] == QK_INPUT and n.endswith(("q_norm.weight", "k_norm.weight")))}
     # Same-named notes for every layer read badly; keep the first few.
     if len(notes) > 4:
         notes = notes[:3] + [f"... and {len(notes) - 3} more clamped tensors"]
@@ -332,7 +442,7 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
                         f"--energy or use --params")
     elem = torch.empty((), dtype=store).element_size()
     kv_orig = spec.kv_cache_width
-    kv_layers = [r["pre"]["ranks"][2] + r["post"]["ranks"][2] for r in records]
+    kv_layers = [_kv_layer(r, spec) for r in records]
     info = {
         "schema": SCHEMA,
         "tool_version": __version__,
@@ -411,3 +521,13 @@ def calibration_record(calibrate, moments) -> dict | None:
     return {"text": None if calibrate is None else str(calibrate), "tokens": next(iter(moments.values())).tokens}
 
 
+def _kv_layer(rec: dict, spec) -> int:
+    """Numbers cached per token by one compressed layer: the latent key and value (r3 +
+    r3~); a per-head side caches whichever is smaller, the latent or the per-group
+    key/value it up-projects to (a side kept whole caches the original keys/values)."""
+    total = 0
+    for key, width in (("pre", spec.head_dim), ("post", spec.value_dim)):
+        r3 = rec[key]["ranks"][2]
+        per_head = (rec["structure"] if key == "pre" else rec[key].get("structure")) in (QK_INPUT, PER_HEAD)
+        total += min(r3, spec.kv_heads * width) if per_head else r3
+    return total

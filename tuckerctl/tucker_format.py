@@ -66,10 +66,12 @@ from .strict import loads_strict
 
 SCHEMA = "tuckerctl.tucker/1"
 TUCKER, QK_INPUT = "tucker", "qk_input"  # structures of the pre-softmax tensor
+PER_HEAD = "per_head"  # the value-output tensor's per-head structure (its record's "structure")
 SHARD_BYTES = 5 * 1024 ** 3
 TENSOR_PREFIX = "tucker.layers"
 PARTS = {"pre": ("core", "head", "query", "key"), "post": ("core", "head", "output", "value")}
 QK_INPUT_PARTS = ("query", "key", "query_heads", "key_groups")
+PER_HEAD_PARTS = ("output", "value", "output_heads", "value_groups")
 _TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -215,7 +217,13 @@ class TuckerLayer:
     ``structure`` ``tucker``: ``pre_core`` and ``pre_factors`` = [U1, U2, U3].
     ``structure`` ``qk_input``: ``pre_core`` is None, ``pre_factors`` = [None, U2, U3] and
     ``query_heads`` (H, r2, d_h), ``key_groups`` (G, r3, d_h) hold the per-head coordinates;
-    ``query_gain``/``key_gain`` the qk-norm gains (None without qk-norm)."""
+    ``query_gain``/``key_gain`` the qk-norm gains (None without qk-norm). A query or key
+    subspace not written (that side kept whole) reads as the identity.
+
+    ``post_structure`` ``per_head``: ``output_heads`` (H, r2, d_v) and ``value_groups``
+    (G, r3, d_v) hold the stored coordinates; ``post_core``/``post_factors`` are their
+    exact 3-mode view (U1 = I, core_h = O_h V_g^T, absent subspaces = I), which every
+    runner reads (it is H r2 r3 numbers in memory, more than the stored form)."""
 
     index: int
     pre_core: torch.Tensor | None
@@ -229,6 +237,9 @@ class TuckerLayer:
     key_groups: torch.Tensor | None = None
     query_gain: torch.Tensor | None = None
     key_gain: torch.Tensor | None = None
+    post_structure: str = TUCKER
+    output_heads: torch.Tensor | None = None
+    value_groups: torch.Tensor | None = None
 
     def pre_mixers(self) -> torch.Tensor:
         """M_h (H, r2, r3) with W_hat[h] = U2 M_h U3^T, whatever the structure (the
@@ -321,10 +332,16 @@ class TuckerCheckpoint(Sequence):
             self.check_digest(name)
             return self.ckpt.get(name, dtype).to(device)
 
-        structure = self._layers[i].get("structure", TUCKER)
+        rec = self._layers[i]
+        structure = rec.get("structure", TUCKER)
         if structure not in (TUCKER, QK_INPUT):
             raise InputError(f"{self.path}: layer {i} has unknown structure {structure!r}")
-        kinds = {"post": PARTS["post"]}
+        post_structure = rec.get("post", {}).get("structure", TUCKER)
+        if post_structure not in (TUCKER, PER_HEAD):
+            raise InputError(f"{self.path}: layer {i} post has unknown structure {post_structure!r}")
+        kinds = {}
+        if post_structure == TUCKER:
+            kinds["post"] = PARTS["post"]
         if structure == TUCKER:
             kinds["pre"] = PARTS["pre"]
         parts = {t: [get(factor_name(i, t, p)) for p in kinds[t]] for t in kinds}
@@ -334,24 +351,46 @@ class TuckerCheckpoint(Sequence):
             if tuple(core.shape) != tuple(f.shape[1] for f in fs):
                 raise InputError(f"{self.path}: layer {i} {t}: core {list(core.shape)} does not match its "
                                  f"factors {[list(f.shape) for f in fs]}")
+        H = self.spec.get("heads")
+        if post_structure == PER_HEAD:
+            U2, U3, Oc, Vc = self._per_head(i, "post", PER_HEAD_PARTS, get, H, self.spec.get("value_dim"))
+            # The 3-mode view every runner reads: no head mixing (U1 = I), core_h = O_h V_g^T.
+            heads = Oc.shape[0]
+            core = Oc @ Vc[torch.arange(heads, device=Oc.device) // (heads // Vc.shape[0])].transpose(1, 2)
+            post = (core, [torch.eye(heads, dtype=Oc.dtype, device=Oc.device), U2, U3])
+        else:
+            Oc = Vc = None
+            post = (parts["post"][0], parts["post"][1:])
         if structure == TUCKER:
-            return TuckerLayer(i, parts["pre"][0], parts["pre"][1:], parts["post"][0], parts["post"][1:], bias,
-                               self._layers[i])
-        U2, U3, Q, K = (get(factor_name(i, "pre", p)) for p in QK_INPUT_PARTS)
+            return TuckerLayer(i, parts["pre"][0], parts["pre"][1:], *post, bias, rec,
+                               post_structure=post_structure, output_heads=Oc, value_groups=Vc)
+        U2, U3, Q, K = self._per_head(i, "pre", QK_INPUT_PARTS, get, H, self.spec.get("head_dim"))
         gains = [get(factor_name(i, "pre", p)) if factor_name(i, "pre", p) in self.ckpt else None
                  for p in ("query_gain", "key_gain")]
-        H, dh = self.spec.get("heads"), self.spec.get("head_dim")
-        if (Q.dim() != 3 or K.dim() != 3 or Q.shape[1] != U2.shape[1] or K.shape[1] != U3.shape[1]
-                or Q.shape[2] != K.shape[2] or (H is not None and Q.shape[0] != H)
-                or (dh is not None and Q.shape[2] != dh) or K.shape[0] == 0 or Q.shape[0] % K.shape[0]):
-            raise InputError(f"{self.path}: layer {i} pre: query/key factors {list(U2.shape)}, {list(U3.shape)} "
-                             f"do not match query_heads {list(Q.shape)} and key_groups {list(K.shape)}")
         for name, g, rows in (("query_gain", gains[0], Q.shape[0]), ("key_gain", gains[1], K.shape[0])):
             if g is not None and tuple(g.shape) != (rows, Q.shape[2]):
                 raise InputError(f"{self.path}: layer {i} pre.{name} has shape {list(g.shape)}, "
                                  f"expected {[rows, Q.shape[2]]}")
-        return TuckerLayer(i, None, [None, U2, U3], parts["post"][0], parts["post"][1:], bias, self._layers[i],
-                           QK_INPUT, Q, K, gains[0], gains[1])
+        return TuckerLayer(i, None, [None, U2, U3], *post, bias, rec, QK_INPUT, Q, K, gains[0], gains[1],
+                           post_structure=post_structure, output_heads=Oc, value_groups=Vc)
+
+    def _per_head(self, i: int, tensor: str, names, get, H, width):
+        """(U2, U3, per-head coordinates, per-group coordinates) of a per-head structure;
+        a subspace not written (a side kept whole) is the identity."""
+        L, R = (get(factor_name(i, tensor, p)) for p in names[2:])
+        U2, U3 = (get(factor_name(i, tensor, p)) if factor_name(i, tensor, p) in self.ckpt else None
+                  for p in names[:2])
+        if L.dim() != 3 or R.dim() != 3:
+            raise InputError(f"{self.path}: layer {i} {tensor}: {names[2]} {list(L.shape)} and {names[3]} "
+                             f"{list(R.shape)} must have 3 dimensions")
+        U2 = torch.eye(L.shape[1], dtype=L.dtype, device=L.device) if U2 is None else U2
+        U3 = torch.eye(R.shape[1], dtype=R.dtype, device=R.device) if U3 is None else U3
+        if (U2.dim() != 2 or U3.dim() != 2 or L.shape[1] != U2.shape[1] or R.shape[1] != U3.shape[1]
+                or L.shape[2] != R.shape[2] or (H is not None and L.shape[0] != H)
+                or (width is not None and L.shape[2] != width) or R.shape[0] == 0 or L.shape[0] % R.shape[0]):
+            raise InputError(f"{self.path}: layer {i} {tensor}: factors {list(U2.shape)}, {list(U3.shape)} "
+                             f"do not match {names[2]} {list(L.shape)} and {names[3]} {list(R.shape)}")
+        return U2, U3, L, R
 
     def __len__(self) -> int:
         return len(self._layers)
