@@ -54,7 +54,7 @@ from . import __version__
 from .calibrate import read_text, token_ids
 from .device import resolve_device
 from .errors import InputError
-from .tucker_format import QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
+from .tucker_format import PER_HEAD, PER_HEAD_PARTS, QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
@@ -497,7 +497,7 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         end_to_end["seconds"] = round(time.perf_counter() - t0, 3)
     factors = {}
     for t in layers:
-        store = tk.ckpt.get(factor_name(t.index, "pre", "query")).dtype
+        store = tk.ckpt.get(factor_name(t.index, "pre", "query_heads")).dtype
         for part, tensor in factor_tensors(students[t.index]).items():
             kind, leaf = part.split(".")
             factors[factor_name(t.index, kind, leaf)] = tensor.detach().to(store).cpu().contiguous()
@@ -523,5 +523,12 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         "healed (tuckerctl heal): the factors were trained on real hidden states, so the per-layer weight "
         "errors recorded at compression no longer describe them; tuckerctl verify measures the current ones")
     info["healing"] = healing
-    write_checkpoint(out, tk.ckpt, set(factors), factors, info, overwrite=overwrite, config=tk.source_config)
+    # The trained value-output tensor is written in the 3-mode form heal trains: the
+    # per-head parts it came from (compress's per_head structure) are dropped.
+    stale = {factor_name(t.index, "post", p) for t in layers if t.post_structure == PER_HEAD for p in PER_HEAD_PARTS}
+    for rec in info["layers"]:
+        rec["post"].pop("structure", None)
+        rec["post"].pop("whole_sides", None)
+    write_checkpoint(out, tk.ckpt, set(factors) | stale, factors, info, overwrite=overwrite,
+                     config=tk.source_config)
     return healing
