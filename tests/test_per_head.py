@@ -178,3 +178,38 @@ def test_tensors_with_the_tucker_structure_is_refused(src, tmp_path):
 def test_energy_never_exceeds_the_original(src, tmp_path):
     info = compress(src, tmp_path / "out", energy=0.999, device="cpu", dtype="float32")
     assert info["summary"]["ratio"] <= 1.0 and not info["warnings"]
+
+
+def test_calibrated_output_side_is_optimal_in_the_attention_output_metric(src, tmp_path):
+    """Calibrated, the value-output tensor's output subspace minimises the error of o_proj's
+    outputs on the real attention outputs z: with the value side kept whole, the stored
+    W_O's error E||z (W_O - W_O_hat)||^2 equals the Eckart-Young tail of C_z^(1/2) W_O
+    (dense float64 SVD, the per-matrix baseline's optimum), and the budget is kept."""
+    from tuckerctl.calibrate import collect_moments
+
+    model = tf.LlamaForCausalLM.from_pretrained(src).eval()
+    g = torch.Generator().manual_seed(5)
+    moments = collect_moments(model, [torch.randint(0, 50, (64,), generator=g) for _ in range(4)])
+    info = compress(src, tmp_path / "out", params=0.75, tensors="post", moments=moments, device="cpu",
+                    dtype="float32", hooi_iters=0)
+    assert info["summary"]["ratio"] <= 0.75
+    raw = tensors_of(tmp_path / "out")
+    checked = 0
+    for r in info["layers"]:
+        i = r["index"]
+        whole_out, whole_val = r["post"]["whole_sides"]
+        if whole_out or not whole_val:
+            continue
+        _, _, _, O_t = originals(src, i)
+        W_o = O_t.permute(1, 0, 2).reshape(D, H * DH).T  # y = z W_o, (H d_v, d)
+        Oh, _ = per_head_blocks(raw, i, "post", ("output", "value", "output_heads", "value_groups"))
+        W_hat = Oh.permute(1, 0, 2).reshape(D, H * DH).T
+        Cz = moments[i].attn_out
+        vals, vecs = torch.linalg.eigh(Cz)
+        Sz = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+        err = float(torch.trace((W_o - W_hat).T @ Cz @ (W_o - W_hat)))
+        rank = r["post"]["ranks"][1]
+        sig = torch.linalg.svdvals(Sz @ W_o)
+        assert err == pytest.approx(float((sig[rank:] ** 2).sum()), rel=1e-6)
+        checked += 1
+    assert checked

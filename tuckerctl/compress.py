@@ -157,7 +157,11 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
             metric_stack = _whitened(stack, *_metric(stack, key, moments, layer.index))
             s = mode_spectra(reduce(metric_stack))
             if structure == QK_INPUT:
-                pair.append((stack.heads, _side_spectra(stack, s, spec.d)))
+                sides = _side_spectra(stack, s, spec.d)
+                gram = _output_gram(stack, moments, layer.index) if key == "post" else None
+                if gram is not None:
+                    sides[0].sigma = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt().double().cpu()
+                pair.append((stack.heads, sides))
             else:
                 pair.append(_spectra_for_allocation(metric_stack, s))
         mine.append((layer.index, layer.params, pair, whole))
@@ -167,16 +171,22 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
     original = sum(item[1] for item in every)
     budget = int(params * original)
     if structure == QK_INPUT:
-        from .lowrank import allocate
+        from .lowrank import allocate, params_of
 
         free = [(i, key, side, sp) for i, _, pair, _ in every for key, (_, sides) in zip(("pre", "post"), pair)
                 for side, sp in enumerate(sides) if tensors in (key, "both")]
         kept = sum(sp.params_dense for _, _, pair, _ in every for key, (_, sides) in zip(("pre", "post"), pair)
                    for sp in sides if tensors not in (key, "both"))
-        if budget - kept < 0:
-            raise InputError(f"--params {params}: the tensor kept as it is already uses more than that")
-        chosen = dict(zip([(i, key, side) for i, key, side, _ in free],
-                          allocate([sp for *_, sp in free], budget - kept)))
+        sides = [sp for *_, sp in free]
+        least = sum(sp.step_cost for sp in sides)  # every side has rank >= 1
+        if budget - kept < least:
+            raise InputError(f"--params {params}: below the minimum of {kept + least:,} parameters (every "
+                             f"compressed side at rank 1{', the kept tensor whole' if kept else ''})")
+        ranks = allocate(sides, budget - kept)
+        spare = budget - kept - sum(params_of(sp, r) for sp, r in zip(sides, ranks))
+        if sum(sp.step_cost for sp, r in zip(sides, ranks) if r == 0) > spare:  # room for the rank-1 floors
+            ranks = allocate(sides, budget - kept - sum(sp.step_cost for sp, r in zip(sides, ranks) if r == 0))
+        chosen = dict(zip([(i, key, side) for i, key, side, _ in free], (1 if r == 0 else r for r in ranks)))
         return {(i, key): (H, chosen.get((i, key, 0)), chosen.get((i, key, 1)))
                 for i, _, pair, _ in every for key, (H, _) in zip(("pre", "post"), pair)}
     keys = [(item[0], key) for item in every for key in ("pre", "post") if tensors in (key, "both")]
@@ -190,7 +200,46 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
     return dict(zip(keys, chosen))
 
 
-def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None):
+def _output_gram(stack, moments, index: int):
+    """E[y^T y] structure of the value-output tensor's output side on the calibration
+    inputs: O_t C_z O_t^T with O_t = [W_O,h^T]_h (d x H d_v) and C_z the second moment of
+    the attention output entering o_proj (all heads, so the attention mixing and the
+    cross-head correlations are in it). Its leading eigenvectors are the output subspace
+    minimising E ||y - U2 U2^T y||^2, the metric the per-matrix baseline uses for W_O.
+    None without calibration (or for shared latent bases)."""
+    if moments is None or stack.left_basis is not None:
+        return None
+    H, m, w = stack.left.shape
+    Cz = moments[index].attn_out
+    if Cz is None or Cz.shape[0] != H * w:
+        return None
+    O_t = stack.left.permute(1, 0, 2).reshape(m, H * w)
+    return O_t @ Cz.to(O_t) @ O_t.T
+
+
+def _with_output_side(stack, t, gram, r2, right):
+    """``t`` (a per-head fit, U1 = I) with its output subspace replaced by the ``r2``
+    leading eigenvectors of ``gram``: (Tucker, activation-weighted error or None)."""
+    from .multilinear import Tucker
+    from .whiten import relative_error
+
+    vals, vecs = torch.linalg.eigh((gram + gram.T) / 2)
+    U2 = vecs.flip(1)[:, :r2].to(stack.left)
+    _, _, U3 = t.factors
+    P3 = U3.T if right is None else U3.T @ (right.S @ right.S).to(U3)
+    B = stack.right[stack.group_of]
+    core = (U2.T @ stack.left) @ (P3 @ B).transpose(1, 2)  # (H, r2, r3): U2^T A_h B_g^T P3^T
+    eye = torch.eye(stack.heads, dtype=U2.dtype, device=U2.device)
+    back = Tucker(core, [eye, U2, U3], 0.0, [])
+    back.rel_error = relative_error(stack, back)
+    back.errors = [back.rel_error]
+    if right is None:
+        return back, None
+    white = whiten_stack(stack, None, right.S)
+    return back, relative_error(white, Tucker(core, [eye, U2, right.S.to(U3) @ U3], 0.0, []))
+
+
+def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None, out_gram=None):
     """A per-head structure of one layer tensor: ``qk_input`` (pre) or ``per_head``
     (post). Only the input/output sides are truncated, the head mode is kept whole: the
     subspaces U2, U3 of a Tucker fit at ranks (H, r2, r3) (so the reported error is exactly
@@ -202,18 +251,26 @@ def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None)
     Calibrated (whiteners ``left``/``right``, S^2 = C): the fit runs on S A_h, S B_g and
     U2 = S^-1 V2, so the projection is the oblique U2 (U2^T S^2) = S^-1 V2 V2^T S and the
     coordinates are U2^T S^2 A_h (likewise for the other side). Returns (Tucker, ranks,
-    tensors, activation-weighted error or None); a whole side's rank is its full width."""
+    tensors, activation-weighted error or None); a whole side's rank is its full width.
+
+    ``out_gram`` (value-output tensor, calibrated): the output subspace is taken from it
+    (:func:`_output_gram`) instead of the fit, which then keeps that side whole."""
     H = stack.heads
     ceil = clamp_ranks(stack, (H, stack.shape[1], stack.shape[2]))
     whole = (want[1] is None, want[2] is None)
     fit = (H, ceil[1] if whole[0] else want[1], ceil[2] if whole[1] else want[2])
     got = clamp_ranks(stack, fit)
+    by_gram = out_gram is not None and not whole[0]
+    if by_gram:
+        fit, got = (H, ceil[1], got[2]), (H, got[1], got[2])
     weighted = None
     if left is None and right is None:
-        t = tucker(stack, got, hooi_iters=hooi_iters)
+        t = tucker(stack, fit if by_gram else got, hooi_iters=hooi_iters)
     else:
-        wt = weighted_tucker(stack, got, left, right, hooi_iters=hooi_iters)
+        wt = weighted_tucker(stack, fit if by_gram else got, left, right, hooi_iters=hooi_iters)
         t, weighted = wt.tucker, wt.weighted_error
+    if by_gram:
+        t, weighted = _with_output_side(stack, t, out_gram, got[1], right)
     _, U2, U3 = t.factors
     if key == "pre":
         raw = (layer.pre_ungained or layer.pre).to(device=U2.device, dtype=U2.dtype)
@@ -238,14 +295,17 @@ def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None)
     return t, got, out, weighted
 
 
-def _per_head_energy(stack, left, right, energy, d: int):
+def _per_head_energy(stack, left, right, energy, d: int, out_gram=None):
     """Per-side ranks for --energy in a per-head structure: the smallest rank holding
     ``energy`` of the side's (weighted) spectrum, or None (kept whole) where that rank
     would not save parameters."""
     from .lowrank import energy_rank as side_rank
 
     s = mode_spectra(reduce(_whitened(stack, left, right)))
-    return (stack.heads, *(side_rank(sp, energy) for sp in _side_spectra(stack, s, d)))
+    sides = _side_spectra(stack, s, d)
+    if out_gram is not None:
+        sides[0].sigma = torch.linalg.eigvalsh(out_gram).flip(0).clamp_min(0).sqrt().double().cpu()
+    return (stack.heads, *(side_rank(sp, energy) for sp in sides))
 
 
 def tensor_structure(key: str, kind: str, fixed: bool, kept: bool) -> str:
@@ -268,12 +328,13 @@ def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_po
     structure = tensor_structure(key, kind, fixed_pre is not None, kept)
     left, right = (None, None) if kept else _metric(stack, key, calib, layer.index)
     per_head = structure in (QK_INPUT, PER_HEAD)
+    gram = _output_gram(stack, calib, layer.index) if structure == PER_HEAD and not kept else None
     if kept:
         want = (stack.heads, None, None)
     elif budget is not None:
         want = budget[(layer.index, key)]
     elif energy is not None and per_head:
-        want = _per_head_energy(stack, left, right, energy, spec.d)
+        want = _per_head_energy(stack, left, right, energy, spec.d, gram)
     elif energy is not None:
         s = mode_spectra(reduce(_whitened(stack, left, right)))
         want = energy_ranks(TensorSpectra(stack.shape, tuple(x.cpu().tolist() for x in s)), energy)
@@ -282,7 +343,7 @@ def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_po
     if per_head:
         if fixed_pre is not None and not kept:
             want = (stack.heads, want[1], want[2])  # the head mode is never truncated here
-        t, got, parts, weighted = _per_head(layer, key, stack, want, hooi_iters, store, left, right)
+        t, got, parts, weighted = _per_head(layer, key, stack, want, hooi_iters, store, left, right, gram)
         whole = [w is None for w in want[1:]]
         want = tuple(g if w is None else w for g, w in zip(got, want))
         count = per_head_params(stack, [None if w else r for w, r in zip([False, *whole], got)], spec.d)
