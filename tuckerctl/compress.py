@@ -299,7 +299,7 @@ def _per_head_energy(stack, left, right, energy, d: int, out_gram=None):
     """Per-side ranks for --energy in a per-head structure: the smallest rank holding
     ``energy`` of the side's (weighted) spectrum, or None (kept whole) where that rank
     would not save parameters."""
-    from .lowrank import energy_rank as side_rank
+    from .lowrank import energy_rank_or_dense as side_rank
 
     s = mode_spectra(reduce(_whitened(stack, left, right)))
     sides = _side_spectra(stack, s, d)
