@@ -377,3 +377,26 @@ def test_interrupted_end_to_end_pass_leaves_nothing(tiny, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         heal(comp, src, text, tmp_path / "out", tokens=1024, steps=1, kl_steps=5, seq_len=128, device="cpu")
     assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_healing_a_healed_checkpoint_keeps_the_earlier_record(tiny, healed, tmp_path):
+    """An end-to-end pass run on a layer-wise healed checkpoint (what benchmarks/heal_smollm2.py
+    does) starts from its factors and keeps its healing record under ``previous``."""
+    src, _, text, _ = tiny
+    out, first = healed
+    rec = heal(out, src, text, tmp_path / "again", steps=0, kl_steps=3, **HEAL)
+    info = load(tmp_path / "again").info
+    assert info["healing"]["previous"] == json.loads(json.dumps(first))
+    assert sum("healed (tuckerctl heal)" in n for n in info["notes"]) == 1
+    assert rec["end_to_end"]["val_kl_final"] <= rec["end_to_end"]["val_kl_initial"]
+
+
+def test_heal_function_refuses_bad_end_to_end_values(tiny, tmp_path):
+    from oracle import one_line_error
+
+    src, comp, text, _ = tiny
+    for kwargs, needle in (({"kl_steps": -1}, "--kl-steps"), ({"steps": 0}, "--steps"),
+                           ({"kl_steps": 2, "kl_lr": float("nan")}, "--kl-lr"),
+                           ({"kl_steps": 2, "kl_lr": -1.0}, "--kl-lr")):
+        one_line_error(lambda kw=kwargs: heal(comp, src, text, tmp_path / "x", **kw), needle)
+    assert not (tmp_path / "x").exists()

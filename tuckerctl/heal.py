@@ -519,9 +519,12 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
         "tool_version": __version__,
     }
     info = json.loads(json.dumps(tk.info))
-    info.setdefault("notes", []).append(
-        "healed (tuckerctl heal): the factors were trained on real hidden states, so the per-layer weight "
-        "errors recorded at compression no longer describe them; tuckerctl verify measures the current ones")
+    note = ("healed (tuckerctl heal): the factors were trained on real hidden states, so the per-layer weight "
+            "errors recorded at compression no longer describe them; tuckerctl verify measures the current ones")
+    if note not in info.setdefault("notes", []):
+        info["notes"].append(note)
+    if "healing" in info:  # healing a healed checkpoint (e.g. --steps 0 --kl-steps N after a layer-wise run)
+        healing["previous"] = info["healing"]
     info["healing"] = healing
     # The trained value-output tensor is written in the 3-mode form heal trains: the
     # per-head parts it came from (compress's per_head structure) are dropped.
