@@ -35,23 +35,11 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo, require_finite
 from .errors import InputError
+from .families import GGUF_ARCHITECTURES
 from .strict import regular_file
 
-# GGUF ``general.architecture`` -> (HF model_type, Q/K rows permuted by the converter).
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),  # also Mistral, SmolLM2 (converted as llama)
-    "olmo": ("olmo", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
-    "gemma": ("gemma", False),
-    "gemma2": ("gemma2", False),
-    "gemma3": ("gemma3_text", False),
-    "starcoder2": ("starcoder2", False),
-    "olmo2": ("olmo2", False),
-    "phi3": ("phi3", False),
-}
-# Archs whose converter stored q_norm/k_norm gains as (1 + w).
-_NORM_PLUS_ONE = {"gemma2", "gemma3"}
+# GGUF ``general.architecture`` -> the family's row (HF model_type, what the converter changed).
+ARCHITECTURES = GGUF_ARCHITECTURES
 # GGUF block tensor -> HF self_attn module.
 _ATTN = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
          "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
@@ -218,7 +206,7 @@ def _config(path: Path, meta: dict, arch: str, model_type: str) -> dict:
         value = get(key)
         if value is not None:
             cfg[hf] = value
-    if arch in ("gemma2", "gemma3"):
+    if ARCHITECTURES[arch].pre_attn_scalar:
         # llama.cpp scales Gemma2/3 logits by (d/H)^-0.5 for the 27B models, which it
         # recognises by layer count, and by d_h^-0.5 otherwise (unless given explicitly).
         scale = get("attention.scale")
@@ -238,7 +226,7 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     if arch not in ARCHITECTURES:
         raise InputError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHITECTURES)})")
-    model_type, permuted = ARCHITECTURES[arch]
+    model_type, permuted = ARCHITECTURES[arch].model_type, ARCHITECTURES[arch].gguf_permuted
     cfg = _config(path, meta, arch, model_type)
     H, G, dh = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     dv = cfg.get("value_head_dim", dh)
@@ -268,7 +256,7 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
         else:
             proj = _ATTN[part]
             heads = {"q_proj": H, "k_proj": G}.get(proj) if permuted else None
-            minus_one = proj.endswith("norm") and arch in _NORM_PLUS_ONE
+            minus_one = proj.endswith("norm") and ARCHITECTURES[arch].gguf_norm_plus_one
             sources[f"{base}{proj}.{kind}"] = _Source(t, None, heads, minus_one)
 
     tensors = {}

@@ -54,13 +54,13 @@ from . import __version__
 from .calibrate import read_text, token_ids
 from .device import resolve_device
 from .errors import InputError
+from .families import families_of
 from .tucker_format import PER_HEAD, PER_HEAD_PARTS, QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
 KL_LR = 0.003  # default peak step of the end-to-end pass (README: the sweep)
-HEALABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo", "olmo2",
-            "olmo3", "starcoder2")
+HEALABLE = families_of("LlamaLike")
 _QK_LEAVES, _OUT_LEAF = ("q_proj", "k_proj", "v_proj"), "o_proj"
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import facts
+
 LATENT_ROPE_WARNING = (
     "latent RoPE rotates queries and keys in the r3-dimensional Tucker key space; this changes "
     "the positional kernel relative to the original model's per-head RoPE, so outputs are an "
@@ -47,10 +49,6 @@ NO_ROPE_WARNING = (
     "zero-offset (content) attention only; pass latent_rope=True for a relative-position "
     "approximation (which needs fine-tuning)")
 
-# Encoder families whose attention is bidirectional; everything else defaults to causal.
-_BIDIRECTIONAL = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert",
-                  "vit", "deit", "beit", "dinov2", "siglip", "siglip_vision_model", "clip",
-                  "clip_vision_model", "clip_text_model", "mpnet", "deberta"}
 
 
 @dataclass
@@ -192,7 +190,7 @@ class TuckerAttention(nn.Module):
             raise NotImplementedError(
                 f"TuckerAttention: logit softcapping ({family}) is not supported; the module computes "
                 f"plain softmax(scale * logits)")
-        if _spec_get(spec, "alibi") or family in ("bloom", "mpt", "falcon_alibi"):
+        if _spec_get(spec, "alibi") or facts(family).alibi:
             raise NotImplementedError(
                 f"TuckerAttention: ALiBi position biases ({family}) are not supported")
         if _spec_get(spec, "qk_norm"):
@@ -221,7 +219,7 @@ class TuckerAttention(nn.Module):
         if causal is None:
             causal = _spec_get(spec, "causal")
             if causal is None:
-                causal = family not in _BIDIRECTIONAL
+                causal = facts(family).causal
         if dtype is not None:
             pre_core, post_core = pre_core.to(dtype), post_core.to(dtype)
             pre_f = [u.to(dtype) for u in pre_f]
@@ -461,7 +459,7 @@ class QKInputAttention(nn.Module):
         """Build from layer ``i`` of an opened compressed checkpoint (``tuckerctl.load``)."""
         spec, flags = ck.spec, ck.info.get("flags", {})
         family = spec.get("family", "")
-        if spec.get("rope_theta_by_layer_type") or spec.get("rope_type") or family.startswith(("gemma2", "gemma3")):
+        if spec.get("rope_theta_by_layer_type") or spec.get("rope_type") or facts(family).layer_types:
             raise NotImplementedError(f"QKInputAttention: {family} uses per-layer RoPE/sliding windows; "
                                       f"run it with tuckerctl.patch")
         t = ck.layer(i)
@@ -471,7 +469,7 @@ class QKInputAttention(nn.Module):
         kind = spec.get("qk_norm_type", "") if spec.get("qk_norm") else ""
         if causal is None:
             causal = spec.get("causal")
-            causal = family not in _BIDIRECTIONAL if causal is None else causal
+            causal = facts(family).causal if causal is None else causal
         return cls(conv(t.pre_factors[1]), conv(t.pre_factors[2]), conv(t.query_heads), conv(t.key_groups),
                    conv(t.post_core), [conv(u) for u in t.post_factors], spec["scale"], conv(t.out_bias),
                    rope_theta=theta if spec.get("rope") else None,

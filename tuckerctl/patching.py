@@ -29,21 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+from .families import FAMILIES
 from .tucker_format import QK_INPUT, TUCKER, TuckerLayer, load
 
 ATTENTION_NAME = "tuckerctl"
-# family -> (layout, query/key/value leaf names, output leaf name)
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo",
-               "olmo2", "olmo3", "starcoder2")
+# family -> (layout, query/key/value leaf names, output leaf name): the rows of tuckerctl.families
 LAYOUTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    **{f: ("separate", ("q_proj", "k_proj", "v_proj"), "o_proj") for f in _LLAMA_LIKE},
-    # OPT reshapes q/k/v with a fixed head count: every width must be H d_h (qk_input only)
-    "opt": ("fixed", ("q_proj", "k_proj", "v_proj"), "out_proj"),
-    **{f: ("separate", ("query", "key", "value"), "dense") for f in ("bert", "roberta", "vit", "deit")},
-    "phi3": ("contiguous", ("qkv_proj",), "o_proj"),
-    "gpt_neox": ("interleaved", ("query_key_value",), "dense"),
-    "gpt2": ("split", ("c_attn",), "c_proj"),
-}
+    f.model_type: (f.hf_layout, f.hf_qkv, f.hf_out) for f in FAMILIES.values() if f.hf_layout}
 
 
 def _pad_to(width: int, multiple: int) -> int:

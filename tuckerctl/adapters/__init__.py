@@ -11,19 +11,12 @@ import re
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from . import encoders, fused, mla
 from .base import Adapter, LayerWeights, ModelSpec
 from .llama import LlamaLike
 
-ADAPTERS: list[Adapter] = [LlamaLike()]
-
-# Optional families live in their own modules; each registers on import.
-for _mod in ("encoders", "fused", "mla"):
-    try:
-        _m = __import__(f"{__name__}.{_mod}", fromlist=["ADAPTERS"])
-        ADAPTERS.extend(_m.ADAPTERS)
-    except ModuleNotFoundError as e:  # module not written yet
-        if e.name != f"{__name__}.{_mod}":
-            raise
+# One adapter per layout; tuckerctl.families says which model types each reads.
+ADAPTERS: list[Adapter] = [LlamaLike(), *encoders.ADAPTERS, *fused.ADAPTERS, *mla.ADAPTERS]
 
 # Command-line overrides, written under every config alias the adapters read.
 _ALIASES = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..families import families_of
 from .base import (
     Adapter,
     LayerWeights,
@@ -102,7 +103,7 @@ class Bert(SeparateMHA):
     """BERT / RoBERTa / MiniLM: ``encoder.layer.N.attention.self.{query,key,value}``,
     ``attention.output.dense``; bidirectional, post-LN (nothing to fold)."""
 
-    families = ("bert", "roberta")
+    families = families_of("Bert")
     proj = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
             "o": "attention.output.dense"}
 
@@ -118,7 +119,7 @@ class ViT(SeparateMHA):
     """ViT / DeiT: ``encoder.layer.N.attention.attention.{query,key,value}`` (bias per
     ``qkv_bias``), ``attention.output.dense`` (always biased); bidirectional, pre-LN."""
 
-    families = ("vit", "deit")
+    families = families_of("ViT")
     proj = {"q": "attention.attention.query", "k": "attention.attention.key",
             "v": "attention.attention.value", "o": "attention.output.dense"}
     bias_key = "qkv_bias"
@@ -131,7 +132,7 @@ class OPT(SeparateMHA):
     """OPT: ``decoder.layers.N.self_attn.{q,k,v,out}_proj`` with biases; causal. The query
     is scaled after its bias, which is still scale * x_bar^T W x_bar."""
 
-    families = ("opt",)
+    families = families_of("OPT")
     stack = "layers."
     proj = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
             "o": "self_attn.out_proj"}

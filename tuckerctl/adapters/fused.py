@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..families import families_of
 from .base import (
     Adapter,
     LayerWeights,
@@ -214,7 +215,7 @@ class Phi3(FusedQKV):
     """Phi-3 / Phi-4-mini: ``self_attn.qkv_proj`` contiguous [Q; K; V], no bias, RoPE on
     the first ``partial_rotary_factor`` of each head."""
 
-    families = ("phi3",)
+    families = families_of("Phi3")
     stack, qkv, out, layout = "layers.", "self_attn.qkv_proj", "self_attn.o_proj", "contiguous"
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
@@ -244,7 +245,7 @@ class GPT2(FusedQKV):
     ``attn.c_proj`` [d, d]. Learned positions; ``h.N.attn.bias`` is a causal-mask
     buffer and is never read."""
 
-    families = ("gpt2",)
+    families = families_of("GPT2")
     stack, qkv, out, layout, conv1d = "h.", "attn.c_attn", "attn.c_proj", "contiguous", True
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
@@ -275,7 +276,7 @@ class GPTNeoX(FusedQKV):
     """GPT-NeoX / Pythia: ``attention.query_key_value`` [3d, d] per-head interleaved
     view(H, 3, d_h, d), bias; RoPE on the first ``rotary_pct`` of each head."""
 
-    families = ("gpt_neox",)
+    families = families_of("GPTNeoX")
     stack, qkv, out, layout = "layers.", "attention.query_key_value", "attention.dense", "grouped"
     bias_key = "attention_bias"
 
@@ -293,7 +294,7 @@ class Falcon(FusedQKV):
     G = ``num_kv_heads`` (new_decoder_architecture, 40B/180B), 1 (``multi_query``, 7B)
     or H (classic MHA, Falcon-RW). RoPE, or ALiBi when ``alibi``."""
 
-    families = ("falcon", "RefinedWeb", "RefinedWebModel")
+    families = families_of("Falcon")
     stack, qkv, out, layout = "h.", "self_attention.query_key_value", "self_attention.dense", "grouped"
     bias_key = "bias"
 
@@ -331,7 +332,7 @@ class Bloom(FusedQKV):
     """Bloom: ``self_attention.query_key_value`` [3d, d] per-head interleaved
     view(H, 3, d_h, d), bias, ALiBi added after the scale."""
 
-    families = ("bloom",)
+    families = families_of("Bloom")
     stack, qkv, out, layout = "h.", "self_attention.query_key_value", "self_attention.dense", "grouped"
     # Same tensor names as Falcon: config-less files are read by the Falcon adapter,
     # whose G = H case is exactly this layout.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..families import facts, families_of
 from .base import (
     Adapter,
     LayerWeights,
@@ -30,12 +31,6 @@ _STACK = r"(?P<layer>\d+)\.self_attn\."
 _ATTN = r"layers\." + _STACK
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3",
-            "olmo", "olmo2", "olmo3", "starcoder2")
-# Gemma's RMSNorm multiplies by (1 + w), every other family's by w.
-_ONE_PLUS_W = ("gemma3_text", "gemma3")
-# Families whose logit scale is query_pre_attn_scalar^-0.5 instead of head_dim^-0.5.
-_PRE_ATTN_SCALAR = ("gemma2", "gemma3_text", "gemma3")
 # Command-line overrides -> config keys (detect writes them at the top level only).
 _OVERRIDE_KEYS = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
@@ -69,7 +64,7 @@ def _from_rows(ckpt: Checkpoint, name: str, per: int, field: str) -> int:
 
 
 class LlamaLike(Adapter):
-    families = FAMILIES
+    families = families_of("LlamaLike")
     signature = _ATTN + r"q_proj\.weight"
 
     def spec(self, ckpt: Checkpoint, cfg: dict, overrides: dict) -> ModelSpec:
@@ -110,7 +105,8 @@ class LlamaLike(Adapter):
         qk_norm = base + "q_norm.weight" in ckpt or base + "k_norm.weight" in ckpt
         extras = {}
         scale = default_scale(head_dim)
-        if family in _PRE_ATTN_SCALAR and cfg.get("query_pre_attn_scalar"):
+        row = facts(family)
+        if row.pre_attn_scalar and cfg.get("query_pre_attn_scalar"):
             scale = float(cfg["query_pre_attn_scalar"]) ** -0.5
         if cfg.get("attn_logit_softcapping"):
             extras["softcap"] = cfg["attn_logit_softcapping"]
@@ -127,7 +123,7 @@ class LlamaLike(Adapter):
         prf = cfg_get(cfg, "partial_rotary_factor", default=rp.get("partial_rotary_factor"))
         if prf and prf != 1:
             extras["partial_rotary_factor"] = prf
-        if family.startswith(("gemma2", "gemma3", "olmo2", "olmo3")):
+        if row.post_attention_norm:
             extras["post_attention_norm"] = True
         spec = ModelSpec(family=family, attention=attention_kind(H, G), layers=layers, d=d, heads=H, kv_heads=G,
                          head_dim=head_dim, value_dim=head_dim, bias=bias, rope=True, qk_norm=qk_norm,
@@ -138,7 +134,7 @@ class LlamaLike(Adapter):
             check_shape(ckpt, base + proj + ".weight", shape, _what(spec))
         if qk_norm:
             extras["qk_norm_type"] = self._qk_norm_type(ckpt, spec, base)
-            if family not in _ONE_PLUS_W and not ckpt.config:
+            if not row.qk_norm_one_plus_w and not ckpt.config:
                 notes.append("qk-norm gains read as w; Gemma3-style (1 + w) gains need --family gemma3_text")
         return spec
 
@@ -153,7 +149,7 @@ class LlamaLike(Adapter):
         what = f"{kind} qk-norm with {_what(spec)}"
         check_shape(ckpt, base + "q_norm.weight", (width[0],), what)
         check_shape(ckpt, base + "k_norm.weight", (width[1],), what)
-        return kind + ("_1p" if spec.family in _ONE_PLUS_W else "")
+        return kind + ("_1p" if facts(spec.family).qk_norm_one_plus_w else "")
 
     def layer(self, ckpt: Checkpoint, spec: ModelSpec, i: int) -> LayerWeights:
         base = f"{spec.prefix}layers.{i}.self_attn."

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..families import families_of
 from ..multilinear import HeadStack
 from .base import (
     Adapter,
@@ -168,7 +169,7 @@ def _what(spec: ModelSpec) -> str:
 class MLA(Adapter):
     """DeepSeek-V2/V3, Kimi-K2 and MiniCPM3 multi-head latent attention."""
 
-    families = ("deepseek_v2", "deepseek_v3", "kimi_k2", "minicpm3")
+    families = families_of("MLA")
     signature = _STACK + r"kv_a_proj_with_mqa\.weight"
 
     def spec(self, ckpt: Checkpoint, cfg: dict, overrides: dict) -> ModelSpec:
