@@ -136,29 +136,3 @@ def test_calibrated_tucker_beats_uncalibrated_on_held_out_inputs(tmp_path):
         errs[name] = total
     assert errs["calibrated"] < errs["plain"]
     assert docs["calibrated"]["summary"]["max_rel_error"] >= docs["plain"]["summary"]["max_rel_error"] * 0.999
-
-
-def test_plain_compress_never_imports_transformers(tmp_path):
-    """transformers is an optional extra: only eval and compress --calibrate load it."""
-    import subprocess
-    import sys
-
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(0)
-    d, H, dh = 16, 4, 4
-    w = {f"model.layers.0.self_attn.{n}_proj.weight": torch.randn(H * dh if n != "o" else d,
-                                                                  d if n != "o" else H * dh, generator=gen)
-         for n in "qkvo"}
-    src = tmp_path / "src"
-    src.mkdir()
-    save_file(w, src / "model.safetensors")
-    (src / "config.json").write_text('{"model_type": "llama", "hidden_size": 16, "num_attention_heads": 4, '
-                                          '"num_key_value_heads": 4, "num_hidden_layers": 1}')
-    code = ("import sys; from tuckerctl.compress import compress; "
-            f"compress({str(src)!r}, {str(tmp_path / 'a')!r}, params=0.5, device='cpu'); "
-            f"compress({str(src)!r}, {str(tmp_path / 'b')!r}, params=0.5, method='svd', device='cpu'); "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert (tmp_path / "a" / "model.safetensors").is_file() and (tmp_path / "b" / "model.safetensors").is_file()

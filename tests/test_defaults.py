@@ -48,16 +48,23 @@ def test_no_bound_no_verdict(tmp_path):
 
 
 def test_analyze_and_plain_compress_never_import_transformers(tmp_path):
+    """transformers and huggingface_hub are optional extras: analyze and a plain compress
+    (Tucker or per-matrix SVD) never import them (only eval, export and --calibrate do).
+    A fresh process, since this one has imported them long ago."""
     src = make_llama(tmp_path / "src")
-    code = ("import sys; sys.modules['transformers'] = None; sys.modules['huggingface_hub'] = None\n"
+    code = ("import sys\n"
             "from tuckerctl.analysis import analyze; from tuckerctl.compress import compress\n"
-            "analyze(sys.argv[1]); compress(sys.argv[1], sys.argv[2], params=0.5, device='cpu')")
+            "analyze(sys.argv[1]); compress(sys.argv[1], sys.argv[2] + '/a', params=0.5, device='cpu')\n"
+            "compress(sys.argv[1], sys.argv[2] + '/b', params=0.5, method='svd', device='cpu')\n"
+            "print(sorted({'transformers', 'huggingface_hub'} & set(sys.modules)))")
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
+    assert (tmp_path / "a" / "model.safetensors").is_file() and (tmp_path / "b" / "model.safetensors").is_file()
 
 
 def test_export_bad_input_is_one_line_exit_2(tmp_path):

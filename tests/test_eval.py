@@ -3,30 +3,15 @@ transformers' own logits; calibration moments against the model's hidden states.
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from oracle import assert_user_error, run_cli
 from safetensors.torch import load_file
 from textdata import save_tiny_lm, write_texts
 
 from tuckerctl.calibrate import collect_moments, windows
 from tuckerctl.metrics import CausalTally, EncoderTally
-
-CLI = [sys.executable, "-m", "tuckerctl"]
-
-
-def run(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(res, *fragments):
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +94,6 @@ def _direct_scores(model, dense_model, ids, seq_len):
     return math.exp(nll_o / n), math.exp(nll_c / n), kld / n, same / n, n
 
 
-@pytest.mark.slow
 def test_eval_svd_checkpoint_matches_a_direct_computation(lm, tmp_path):
     """Compress (per-matrix SVD, half the parameters), eval via the CLI, and recompute every
     figure from a model whose projections were overwritten with the dense products of the
@@ -118,11 +102,11 @@ def test_eval_svd_checkpoint_matches_a_direct_computation(lm, tmp_path):
 
     model, path, calib, evaluation = lm
     out = tmp_path / "svd"
-    res = run("compress", path, "-o", out, "--method", "svd", "--params", "0.5", "--json", "-q")
-    assert res.returncode == 0, res.stderr
-    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "300", "--seq-len", "128",
+    res = run_cli("compress", path, "-o", out, "--method", "svd", "--params", "0.5", "--json", "-q")
+    assert res.code == 0, res.stderr
+    res = run_cli("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "300", "--seq-len", "128",
               "--json", "-q")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tensors = load_file(out / "model.safetensors")
@@ -166,27 +150,22 @@ def test_calibrated_beats_uncalibrated_at_equal_parameters(lm, tmp_path):
         assert ec["top1_agreement"] >= ep["top1_agreement"] - 0.02, method
 
 
-@pytest.mark.slow
 def test_eval_bad_inputs_are_one_line_exit_2(lm, tmp_path):
-    from oracle import assert_user_error as one_line_exit_2
-    from oracle import run_cli  # in-process: three torch imports saved
-
     model, path, calib, evaluation = lm
     res = run_cli("eval", tmp_path / "nope", "--against", path, "--text", evaluation)
-    one_line_exit_2(res, "nope")
+    assert_user_error(res, "nope")
     res = run_cli("eval", path, "--against", path, "--text", tmp_path / "missing.txt")
-    one_line_exit_2(res, "missing.txt")
+    assert_user_error(res, "missing.txt")
     res = run_cli("eval", path, "--against", path, "--text", evaluation, "--seq-len", "1")
-    one_line_exit_2(res, "--seq-len")
+    assert_user_error(res, "--seq-len")
 
 
-@pytest.mark.slow
 def test_eval_exit_codes_missing_tokenizer_and_bounds(lm, tmp_path):
     import shutil
 
     model, path, calib, evaluation = lm
     out = tmp_path / "svd"
-    assert run("compress", path, "-o", out, "--method", "svd", "--params", "0.3", "-q").returncode == 0
+    assert run_cli("compress", path, "-o", out, "--method", "svd", "--params", "0.3", "-q").code == 0
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
@@ -196,16 +175,16 @@ def test_eval_exit_codes_missing_tokenizer_and_bounds(lm, tmp_path):
     for f in bare_out.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
             f.unlink()
-    res = run("eval", bare_out, "--against", bare, "--text", evaluation, "--max-tokens", "100")
+    res = run_cli("eval", bare_out, "--against", bare, "--text", evaluation, "--max-tokens", "100")
     assert_user_error(res, "no tokenizer found")
-    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "0",
+    res = run_cli("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "0",
               "--json", "-q")
-    assert res.returncode == 1, res.stderr
+    assert res.code == 1, res.stderr
     doc = json.loads(res.stdout)
     assert not doc["checks"]["passed"] and doc["kl_divergence"]["mean"] > 0
-    res = run("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "100",
+    res = run_cli("eval", out, "--against", path, "--text", evaluation, "--max-tokens", "100", "--max-kld", "100",
               "--max-ppl-ratio", "1000", "--json", "-q")
-    assert res.returncode == 0 and json.loads(res.stdout)["checks"]["passed"]
+    assert res.code == 0 and json.loads(res.stdout)["checks"]["passed"]
 
 
 def test_compressed_copy_shares_the_weights_and_leaves_the_original(tmp_path_factory, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import transformers as tf
-from oracle import save_tiny
+from oracle import run_cli, save_tiny
 
 from tuckerctl import plotting
 from tuckerctl.analysis import analyze
@@ -22,12 +22,7 @@ from tuckerctl.errors import InputError
 from tuckerctl.report import build_report, load_analyses, ranks_csv, series_axis, training_step
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "tuckerctl"]
 STEPS = (10, 20, 30)
-
-
-def run(*args):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +110,8 @@ def test_csv_holds_every_number(widths, tmp_path):
 def test_rank_evolution_of_the_example_across_training(training_run, tmp_path):
     """analyze A B C --json -> one document; report of three analyses at steps 10/20/30."""
     dirs = [training_run / f"step-{s}" for s in STEPS]
-    res = run("analyze", *dirs, "--json", "--quiet")
-    assert res.returncode == 0, res.stderr
+    res = run_cli("analyze", *dirs, "--json", "--quiet")
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "tuckerctl.analyses/1" and len(doc["models"]) == 3
     assert [m["source"]["path"] for m in doc["models"]] == [str(d) for d in dirs]
@@ -126,9 +121,9 @@ def test_rank_evolution_of_the_example_across_training(training_run, tmp_path):
         files.append(tmp_path / f"{d.name}.json")
         files[-1].write_text(json.dumps(m))
     out = tmp_path / "report"
-    res = run("report", *files, "-o", out, "--format", "png,csv",
+    res = run_cli("report", *files, "-o", out, "--format", "png,csv",
               *[x for s in STEPS for x in ("--label", f"step-{s}")])
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     assert (out / "fig5-evolution.png").stat().st_size > 10_000
     rows = list(csv.DictReader((out / "ranks.csv").open()))
     assert sorted({float(r["step"]) for r in rows}) == list(STEPS)
@@ -148,13 +143,13 @@ def test_rank_evolution_of_the_example_across_training(training_run, tmp_path):
     # One multi-model document and a glob, with labels from the folder names:
     (tmp_path / "all.json").write_text(res_json := json.dumps(doc))
     assert json.loads(res_json)["models"]
-    res = run("report", tmp_path / "all.json", "-o", tmp_path / "r2", "--format", "csv", "--quiet")
-    assert res.returncode == 0, res.stderr
+    res = run_cli("report", tmp_path / "all.json", "-o", tmp_path / "r2", "--format", "csv", "--quiet")
+    assert res.code == 0, res.stderr
     assert {r["label"] for r in csv.DictReader((tmp_path / "r2" / "ranks.csv").open())} == \
         {f"step-{s}" for s in STEPS}
-    res = run("report", str(training_run / "step-*"), "-o", tmp_path / "r3", "--format", "csv", "--layers", "0-1",
+    res = run_cli("report", str(training_run / "step-*"), "-o", tmp_path / "r3", "--format", "csv", "--layers", "0-1",
               "--quiet")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     rows = list(csv.DictReader((tmp_path / "r3" / "ranks.csv").open()))
     assert [float(r["step"]) for r in rows[::12]] == list(STEPS) and {r["layer"] for r in rows} == {"0", "1"}
 
