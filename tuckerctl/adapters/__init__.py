@@ -12,18 +12,14 @@ import re
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from . import encoders, fused, mla
-from .base import Adapter, LayerWeights, ModelSpec
+from .base import HEAD_KEYS, KV_KEYS, Adapter, LayerWeights, ModelSpec
 from .llama import LlamaLike
 
 # One adapter per layout; tuckerctl.families says which model types each reads.
 ADAPTERS: list[Adapter] = [LlamaLike(), *encoders.ADAPTERS, *fused.ADAPTERS, *mla.ADAPTERS]
 
 # Command-line overrides, written under every config alias the adapters read.
-_ALIASES = {
-    "heads": ("num_attention_heads", "n_head", "n_heads"),
-    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv"),
-    "head_dim": ("head_dim",),
-}
+_ALIASES = {"heads": HEAD_KEYS, "kv_heads": KV_KEYS, "head_dim": ("head_dim",)}
 
 
 def family_adapter(family: str) -> Adapter:

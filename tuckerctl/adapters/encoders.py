@@ -14,6 +14,8 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..families import families_of
 from .base import (
+    D_KEYS,
+    HEAD_KEYS,
     Adapter,
     LayerWeights,
     ModelSpec,
@@ -21,10 +23,12 @@ from .base import (
     cfg_get,
     check_shape,
     default_scale,
+    first_key,
     layer_stack,
+    mha_head_dim,
     separate_layer,
+    signature_of,
 )
-from .fused import D_KEYS, HEAD_KEYS, first_key, mha_head_dim, signature_of
 
 
 class SeparateMHA(Adapter):

@@ -15,8 +15,6 @@ Reading a grouped tensor contiguously gives O(1) errors; the tests check both.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
@@ -24,6 +22,9 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..families import families_of
 from .base import (
+    D_KEYS,
+    HEAD_KEYS,
+    KV_KEYS,
     Adapter,
     LayerWeights,
     ModelSpec,
@@ -32,41 +33,12 @@ from .base import (
     check_heads,
     check_shape,
     default_scale,
+    first_key,
     layer_stack,
+    mha_head_dim,
     separate_layer,
+    signature_of,
 )
-
-# Config aliases (legacy names next to the v5 ones).
-D_KEYS = ("hidden_size", "n_embd", "n_embed")
-HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
-KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
-
-
-# ---------------------------------------------------------------- shared helpers
-
-def signature_of(stack: str, leaf: str) -> str:
-    """Config-less detection regex; its first group is the layer index."""
-    return re.escape(stack) + r"(\d+)\." + re.escape(leaf)
-
-
-def mha_head_dim(src: str, cfg: dict, d: int, heads: int, d_field: str, h_field: str) -> int:
-    """d_h = d / H for families whose output projection is square (d x d); an explicit
-    ``head_dim`` (e.g. from --head-dim) must agree."""
-    check_heads(src, d, heads, heads, 1)
-    if d % heads:
-        raise InputError(f"{src}: hidden size {d} ({d_field!r}) is not divisible by "
-                         f"{heads} heads ({h_field!r})")
-    head_dim = d // heads
-    given = cfg.get("head_dim")
-    if given is not None and given != head_dim:
-        raise InputError(f"{src}: head_dim {given} contradicts {d_field!r}/{h_field!r} = {d}/{heads}; "
-                         f"this family requires head_dim = hidden size / heads")
-    return head_dim
-
-
-def first_key(cfg: dict, keys: tuple[str, ...]) -> str:
-    """The config key actually present among aliases (for error messages)."""
-    return next((k for k in keys if cfg.get(k) is not None), keys[0])
 
 
 def split_contiguous(t: Tensor, heads: int, groups: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
