@@ -24,6 +24,8 @@ class Family:
     pre_attn_scalar: bool = False  # logit scale query_pre_attn_scalar^-0.5 instead of head_dim^-0.5
     post_attention_norm: bool = False  # a norm on the attention output before the residual
     alibi: bool = False  # ALiBi position biases whatever the config says
+    rope_pairing: str = "rotate_half"  # RoPE pairs: "rotate_half" (i, i + d/2) or "interleaved" (2i, 2i + 1)
+    rope_interleave_key: bool = False  # config's rope_interleave: false switches to rotate_half (DeepSeek-V3)
     layer_types: bool = False  # layers differ (sliding-window/global, per-layer RoPE): only patching runs them
     # transformers' attention module (tuckerctl.patching): how q/k/v are stored, their leaf names, the output's
     hf_layout: str | None = None  # separate | fixed | contiguous | interleaved | split; None: not patchable
@@ -69,9 +71,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("RefinedWebModel", "Falcon"),
     Family("bloom", "Bloom", alibi=True),
     # multi-head latent attention (adapters/mla.py)
-    Family("deepseek_v2", "MLA"),
-    Family("deepseek_v3", "MLA"),
-    Family("kimi_k2", "MLA"),
+    Family("deepseek_v2", "MLA", rope_pairing="interleaved"),
+    Family("deepseek_v3", "MLA", rope_pairing="interleaved", rope_interleave_key=True),
+    Family("kimi_k2", "MLA", rope_pairing="interleaved", rope_interleave_key=True),
     Family("minicpm3", "MLA"),
 )}
 

@@ -142,6 +142,15 @@ def mha_head_dim(src: str, cfg: dict, d: int, heads: int, d_field: str, h_field:
     return head_dim
 
 
+def require_heads(cfg: dict, src: str) -> int:
+    """The query head count H from the config (any alias); without one, the one error every
+    family gives (the CLI's --heads supplies it)."""
+    H = cfg_get(cfg, *HEAD_KEYS)
+    if H is None:
+        raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
+    return H
+
+
 def first_key(cfg: dict, keys: tuple[str, ...]) -> str:
     """The config key actually present among aliases (for error messages)."""
     return next((k for k in keys if cfg.get(k) is not None), keys[0])

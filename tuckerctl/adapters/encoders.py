@@ -26,6 +26,7 @@ from .base import (
     first_key,
     layer_stack,
     mha_head_dim,
+    require_heads,
     separate_layer,
     signature_of,
 )
@@ -59,9 +60,7 @@ class SeparateMHA(Adapter):
         if d is None:
             d = ckpt.shape(base + self.proj["q"] + ".weight")[1]
             notes.append(f"hidden size d = {d} read from {self.proj['q']}'s shape (no config)")
-        H = cfg_get(cfg, *HEAD_KEYS)
-        if H is None:
-            raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
+        H = require_heads(cfg, src)
         dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
         what = f"d={d}, heads={H}, head_dim={dh}"
         for p in ("q", "k", "v", "o"):

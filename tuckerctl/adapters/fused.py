@@ -36,6 +36,7 @@ from .base import (
     first_key,
     layer_stack,
     mha_head_dim,
+    require_heads,
     separate_layer,
     signature_of,
 )
@@ -174,13 +175,6 @@ def _d_from(cfg: dict, fallback: int, notes: list, what: str) -> int:
     return d
 
 
-def _heads(cfg: dict, src: str) -> int:
-    H = cfg_get(cfg, *HEAD_KEYS)
-    if H is None:
-        raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
-    return H
-
-
 # ---------------------------------------------------------------- families
 
 class Phi3(FusedQKV):
@@ -192,7 +186,7 @@ class Phi3(FusedQKV):
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
         d = _d_from(cfg, qkv_shape[1], notes, "qkv_proj")
-        H = _heads(cfg, src)
+        H = require_heads(cfg, src)
         dh = cfg_get(cfg, "head_dim")
         if dh is None:
             if d % H:
@@ -222,7 +216,7 @@ class GPT2(FusedQKV):
 
     def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
         d = _d_from(cfg, qkv_shape[0], notes, "c_attn")
-        H = _heads(cfg, src)
+        H = require_heads(cfg, src)
         dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
         return d, H, H, dh
 
@@ -240,7 +234,7 @@ class GPT2(FusedQKV):
 def _fused_dims(cfg: dict, src: str, qkv_shape, notes: list) -> tuple[int, int, int]:
     """(d, H, d_h) of a ``query_key_value`` [(H + 2G) d_h, d] family (NeoX, Falcon, Bloom)."""
     d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
-    H = _heads(cfg, src)
+    H = require_heads(cfg, src)
     return d, H, mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
 
 

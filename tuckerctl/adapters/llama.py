@@ -24,6 +24,7 @@ from .base import (
     default_scale,
     find_layers,
     layer_stack,
+    require_heads,
     separate_layer,
 )
 
@@ -81,9 +82,7 @@ class LlamaLike(Adapter):
         if d is None:
             d = ckpt.shape(base + "q_proj.weight")[-1]
             notes.append(f"hidden size d = {d} read from q_proj's shape")
-        H = cfg_get(cfg, "num_attention_heads")
-        if H is None:
-            raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
+        H = require_heads(cfg, src)
         check_heads(src, d, H, 1, 1)
         head_dim = cfg_get(cfg, "head_dim")
         if head_dim is None:

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
-from ..families import families_of
+from ..families import facts, families_of
 from ..multilinear import HeadStack
 from .base import (
     Adapter,
@@ -72,14 +72,11 @@ from .base import (
     homogeneous,
     layer_stack,
     per_head,
+    require_heads,
 )
 
 _STACK = r"layers\.(?P<layer>\d+)\.self_attn\."
 _KV_A = "kv_a_proj_with_mqa.weight"
-
-# model_type -> RoPE pair convention (V3 may override with rope_interleave: false).
-_PAIRING = {"deepseek_v2": "interleaved", "deepseek_v3": "interleaved", "kimi_k2": "interleaved",
-            "minicpm3": "rotate_half"}
 
 
 def split_kv_b(kv_b: Tensor, heads: int, d_n: int, d_v: int) -> tuple[Tensor, Tensor]:
@@ -190,9 +187,7 @@ class MLA(Adapter):
         if not q_lora and base + "q_proj.weight" not in ckpt:
             raise InputError(f"{ckpt.path}: missing tensor {base + 'q_a_proj.weight'!r} "
                              f"(or {base + 'q_proj.weight'!r} without q-LoRA)")
-        H = cfg_get(cfg, "num_attention_heads")
-        if H is None:
-            raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
+        H = require_heads(cfg, src)
         _positive(src, "num_attention_heads", H)
         G = cfg_get(cfg, "num_key_value_heads", default=H)
         if G != H:
@@ -251,9 +246,9 @@ class MLA(Adapter):
 
         scale, rope_factor, scale_notes = _scales(cfg, d_n + d_r, src)
         notes += scale_notes
-        pairing = _PAIRING.get(family, "interleaved")
-        if family in ("deepseek_v3", "kimi_k2") and cfg.get("rope_interleave") is False:
-            pairing = "rotate_half"
+        row = facts(family)  # RoPE pair convention (V3 may override it with rope_interleave: false)
+        pairing = "rotate_half" if row.rope_interleave_key and cfg.get("rope_interleave") is False else \
+            row.rope_pairing
         rp = _rope_params(cfg)
         bias = (base + "q_a_proj.bias" in ckpt or base + "q_proj.bias" in ckpt
                 or base + "kv_a_proj_with_mqa.bias" in ckpt)
