@@ -67,6 +67,17 @@ def test_gqa_residual_is_eckart_young_and_achieved():
     assert got == pytest.approx(resid, rel=1e-10)
 
 
+@pytest.mark.parametrize("d,width", [(40, 3), (40, 5), (6, 3), (6, 2)])
+def test_gqa_residual_of_groupings_that_mix_stored_groups_matches_dense(d, width):
+    # Heads of a GQA source regrouped across its stored key matrices: d = 40 takes the reduced
+    # D^1/2 R^T R D^1/2 route (t r <= q), d = 6 the block-Gram route (q < t r).
+    st = stack(8, 4, d, 3, seed=3)
+    W = st.dense()
+    for groups in ([[0, 2, 4, 6], [1, 3, 5, 7]], [[0, 1, 2, 7], [3, 4, 5, 6]], contiguous_groups(8, 2)):
+        want = dense_gqa_residual(W, groups, width)
+        assert gqa_residual(st, groups, width) == pytest.approx(want, rel=1e-9, abs=1e-12 * float((W ** 2).sum()))
+
+
 def test_gqa_of_a_gqa_model_is_exact_at_its_own_grouping_and_one_group_is_the_key_tail():
     st = stack(6, 3, 14, 2, seed=2)
     assert gqa_errors(st, 3, 2)["error_contiguous"] < 1e-7

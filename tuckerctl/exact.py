@@ -123,17 +123,36 @@ def gqa_residual(stack: HeadStack | Reduced, groups: Sequence[Sequence[int]], wi
 
 
 def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: Reduced) -> float:
-    """The tails from the eigenvalues of each block's smaller Gram (at most q x q, q = G d_h for
-    GQA sources: an SVD of the q x |S| d_h block was 5-50x slower, on CUDA far more). A block
-    whose heads share one stored key matrix (or with at most ``width`` columns) has rank <= the
-    head width: its tail is 0 (the SVD returned rounding, ~1e-32 ||W||^2)."""
+    """The tails from eigenvalues of symmetric matrices no larger than the block's rank bound
+    (an SVD of each q x |S| d_h block was 5-50x slower on CPU, far more on CUDA).
+
+    The block's Gram is ``sum_{h in S} rc_g lc_h^T lc_h rc_g^T = R D R^T`` with ``R = [rc_g]``
+    over the stored groups g met in S and ``D`` block-diagonal (``M_g``: sum of ``lc_h^T lc_h``
+    over the heads of S in g), so its nonzero eigenvalues are those of ``D^1/2 R^T R D^1/2``
+    (t r square, t the number of such g): a block whose heads share one stored key matrix has
+    rank <= r and, when r <= ``width``, a tail of exactly 0 (the SVD returned ~1e-32 ||W||^2)."""
+    H, q, k = Z.shape
+    r = red.rc.shape[2]
+    heads_gram = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)
     total = 0.0
     for heads in groups:
-        sources = len(set(red.group[list(heads)].tolist()))  # block columns lie in the span of their rc_g
-        if min(Z.shape[1], len(heads) * Z.shape[2], sources * red.rc.shape[2]) <= width:
+        heads = list(heads)
+        sources = sorted(set(red.group[heads].tolist()))
+        t = len(sources)
+        if min(q, len(heads) * k, t * r) <= width:
             continue
-        block = Z[list(heads)].permute(1, 0, 2).reshape(Z.shape[1], -1)
-        gram = block.T @ block if block.shape[1] <= block.shape[0] else block @ block.T
+        if t * r <= min(q, len(heads) * k):
+            idx = torch.as_tensor(heads, device=Z.device)
+            src = torch.as_tensor(sources, device=Z.device)
+            pos = torch.searchsorted(src, red.group[idx])
+            M = torch.zeros(t, r, r, dtype=Z.dtype, device=Z.device).index_add_(0, pos, heads_gram[idx])
+            vals, vecs = torch.linalg.eigh(M)
+            X = vecs * vals.clamp_min(0).sqrt()[:, None, :] @ vecs.transpose(1, 2)  # M_g^1/2
+            Rs = red.rc[src].permute(1, 0, 2).reshape(q, t * r) @ torch.block_diag(*X)
+            gram = Rs.T @ Rs
+        else:
+            block = Z[heads].permute(1, 0, 2).reshape(q, -1)
+            gram = block.T @ block if block.shape[1] <= q else block @ block.T
         ev = torch.linalg.eigvalsh(gram)  # ascending: the tail is the smallest n - width
         total += float(ev[:max(0, ev.shape[0] - width)].clamp_min(0).sum())
     return total
