@@ -17,6 +17,7 @@ from tuckerctl.compress import compress
 from tuckerctl.errors import InputError
 from tuckerctl.export import materialise
 from tuckerctl.tucker_format import TENSOR_PREFIX, load
+from tuckerctl.verify import verify
 
 D, H, G, DH = 64, 8, 2, 16
 
@@ -98,6 +99,11 @@ def test_params_budget_counts_what_is_written_and_errors_are_exact(src, tmp_path
         U1, U2, U3 = layer.post_factors
         view = torch.einsum("hj,jab,da,nb->hdn", U1, layer.post_core, U2, U3)
         assert rel(view, dense_post(Oh, Vh)) < 1e-12
+    # verify reads the same files through the loader and rebuilds both tensors with TensorLy.
+    doc = verify(tmp_path / "out", src, device="cpu")
+    for row, r in zip(doc["layers"], info["layers"]):
+        assert row["post"]["rel_error"] == pytest.approx(r["post"]["rel_error"], abs=1e-5)
+        assert row["pre"]["rel_error"] == pytest.approx(r["pre"]["rel_error"], abs=1e-5)
 
 
 def test_a_tight_budget_factors_the_sides_that_save(src, tmp_path):
@@ -213,3 +219,33 @@ def test_calibrated_output_side_is_optimal_in_the_attention_output_metric(src, t
         assert err == pytest.approx(float((sig[rank:] ** 2).sum()), rel=1e-6)
         checked += 1
     assert checked
+
+
+@pytest.mark.slow
+def test_heal_reads_and_rewrites_a_per_head_checkpoint(tmp_path):
+    """heal on a --params checkpoint (per_head value-output tensor, sides kept whole): the
+    healed checkpoint loads, records the 3-mode post it trained, holds no stale per-head
+    parts, and its held-out loss went down."""
+    from textdata import save_tiny_lm, write_texts
+
+    from tuckerctl.heal import heal
+
+    src = tmp_path / "model"
+    save_tiny_lm(src)
+    text, _ = write_texts(tmp_path / "text")
+    compress(src, tmp_path / "comp", params=0.6, device="cpu", dtype="float32", calibrate=text, calib_tokens=1024)
+    before = load(tmp_path / "comp")
+    assert all(before.layer(i).post_structure == "per_head" for i in before.layers)
+    rec = heal(tmp_path / "comp", src, text, tmp_path / "healed", tokens=2048, steps=30, seq_len=128, batch=2,
+               device="cpu")
+    after = load(tmp_path / "healed")
+    names = set(after.ckpt.names())
+    for i in after.layers:
+        layer = after.layer(i)
+        assert layer.post_structure == "tucker" and "structure" not in after.info["layers"][i]["post"]
+        assert not {f"{TENSOR_PREFIX}.{i}.post.{p}" for p in ("output_heads", "value_groups")} & names
+    assert rec["loss"]["val_final_mean"] < rec["loss"]["val_initial_mean"]
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(0))
+    model = tuckerctl.patch(tf.LlamaForCausalLM.from_pretrained(src).eval(), tmp_path / "healed")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
