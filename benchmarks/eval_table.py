@@ -108,7 +108,7 @@ def main() -> None:
 def factor_bytes(out: Path) -> int:
     """Bytes of the written attention factors (GGUF sources also get their other tensors
     written dequantised beside them, which the attention comparison leaves out)."""
-    from tuckerctl.checkpoint import open_checkpoint
+    from tuckerctl.loader import open_checkpoint
 
     ckpt = open_checkpoint(out)
     return sum(e.nbytes for name, e in ckpt.tensors.items() if name.startswith(("tucker.layers", "lowrank.layers")))
