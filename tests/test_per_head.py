@@ -249,3 +249,26 @@ def test_heal_reads_and_rewrites_a_per_head_checkpoint(tmp_path):
     model = tuckerctl.patch(tf.LlamaForCausalLM.from_pretrained(src).eval(), tmp_path / "healed")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers per case
+@pytest.mark.parametrize("name", ["llama_gqa_bias", "qwen3"])
+def test_per_head_checkpoint_exports_exactly(name, tmp_path_factory, tmp_path):
+    """A --params checkpoint (per_head value-output tensor, truncated and whole sides; qk-norm
+    for qwen3) exports to the stock architecture with no split error, and the exported
+    directory, loaded by transformers in a fresh process, gives the patched model's outputs."""
+    from test_export import run_child
+    from test_patch import inputs, outputs, source
+
+    from tuckerctl.export import export
+
+    original, path = source(name, tmp_path_factory)
+    info = compress(path, tmp_path / "out", params=0.5, hooi_iters=0, device="cpu", dtype="float32")
+    assert all(r["post"]["structure"] == "per_head" for r in info["layers"])
+    doc = export(tmp_path / "out", tmp_path / "hf")
+    assert doc["max_export_error"] <= 1e-6
+    model = tuckerctl.patch(type(original).from_pretrained(path, attn_implementation="eager").eval(), tmp_path / "out")
+    kw, valid = inputs(model)
+    want = outputs(model, kw)
+    got = run_child(tmp_path / "hf", "lm", kw)
+    assert float((got - want)[valid].abs().max() / want[valid].abs().max()) <= 2e-6
