@@ -74,9 +74,8 @@ class LatentKVCache:
 
 
 def _as_tucker(obj) -> tuple[Tensor, list[Tensor]]:
-    """Accept a ``multilinear.Tucker`` or a ``(core, [U1, U2, U3])`` pair."""
-    if hasattr(obj, "core") and hasattr(obj, "factors"):
-        return obj.core, list(obj.factors)
+    """A ``multilinear.Tucker``, TensorLy ``TuckerTensor`` or ``(core, [U1, U2, U3])`` pair:
+    all three unpack as ``core, factors``."""
     core, factors = obj
     return core, list(factors)
 
@@ -90,6 +89,16 @@ def _spec_get(spec, key, default=None):
         if value is None:
             value = getattr(spec, "extras", {}).get(key)
     return default if value is None else value
+
+
+def _output(y: Tensor, out_bias: Tensor | None, unbatched: bool, cache: LatentKVCache | None):
+    """The end of both modules' forward: the output bias, the batch dimension of an unbatched
+    input, and ``(y, cache)`` when a cache was given or asked for (else ``y``)."""
+    if out_bias is not None:
+        y = y + out_bias
+    if unbatched:
+        y = y.squeeze(0)
+    return y if cache is None else (y, cache)
 
 
 def _homogeneous_apply(x: Tensor, U: Tensor) -> Tensor:
@@ -243,15 +252,15 @@ class TuckerAttention(nn.Module):
 
         A layer in the ``qk_input`` structure (the default for RoPE models) gives a
         :class:`QKInputAttention`, which runs the model's own RoPE and qk-norm exactly."""
-        from .tucker_format import QK_INPUT, load, read_layer  # lazy: the module itself needs only torch
+        from .tucker_format import QK_INPUT, load  # lazy: the module itself needs only torch
 
         ck = load(path)
-        if ck.layer(layer).structure == QK_INPUT:
+        t = ck.layer(layer)
+        if t.structure == QK_INPUT:
             module = QKInputAttention.from_layer(ck, layer, causal=causal, dtype=dtype)
             return module.to(device) if device is not None else module
-        spec, pre_core, pre_factors, post_core, post_factors, out_bias = read_layer(path, layer)
-        module = cls.from_tucker((pre_core, pre_factors), (post_core, post_factors), spec,
-                                 out_bias=out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
+        module = cls.from_tucker((t.pre_core, t.pre_factors), (t.post_core, t.post_factors), ck.spec,
+                                 out_bias=t.out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
                                  layer=layer)
         return module.to(device) if device is not None else module
 
@@ -372,13 +381,8 @@ class TuckerAttention(nn.Module):
         H, s2, s3 = Mt.shape
         mix = Mt.permute(0, 2, 1).reshape(H * s3, s2)  # rows (h, c) -> Mt_h[:, c]
         y = out.permute(0, 2, 1, 3).reshape(B, N, H * s3) @ mix @ self.V2.T
-        if self.out_bias is not None:
-            y = y + self.out_bias
-        if unbatched:
-            y = y.squeeze(0)
-        if cache is None and not use_cache:
-            return y
-        return y, LatentKVCache(K, V, key_mask)
+        new_cache = LatentKVCache(K, V, key_mask) if cache is not None or use_cache else None
+        return _output(y, self.out_bias, unbatched, new_cache)
 
     def _attend(self, Q: Tensor, K: Tensor, V: Tensor, past: int, causal: bool,
                 key_mask: Tensor | None) -> Tensor:
@@ -536,13 +540,8 @@ class QKInputAttention(nn.Module):
         out = probs @ V[:, None]  # (B, H, N, s3)
         Mt = torch.einsum("hj,jab->hab", self.V1, self.post_core)
         y = torch.einsum("bhnc,hac,da->bnd", out, Mt, self.V2)
-        if self.out_bias is not None:
-            y = y + self.out_bias
-        if unbatched:
-            y = y.squeeze(0)
-        if cache is None and not use_cache:
-            return y
-        return y, LatentKVCache(Kl, V, key_mask)
+        new_cache = LatentKVCache(Kl, V, key_mask) if cache is not None or use_cache else None
+        return _output(y, self.out_bias, unbatched, new_cache)
 
 
 __all__ = ["LATENT_ROPE_WARNING", "NO_ROPE_WARNING", "LatentKVCache", "QKInputAttention", "TuckerAttention",

@@ -23,7 +23,7 @@ from . import __version__, interactive, pareto
 from .errors import InputError
 from .io import atomic_write
 from .outputs import claim, file_mode
-from .schema import MODE_NAMES, SCHEMA, SET_SCHEMA, TENSORS
+from .schema import MODE_NAMES, SCHEMA, SET_SCHEMA, TENSORS, layer_modes
 from .strict import loads_strict, regular_file
 
 FORMATS = ("png", "svg", "pdf")
@@ -506,11 +506,9 @@ def _rank_table(a: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for layer in a["layers"]:
         cells = [str(layer["index"])]
-        for key in TENSORS:
-            for m in MODE_NAMES[key]:
-                M = layer[key]["modes"][m]
-                er = "/".join(str(M["energy_ranks"][e]) for e in energies)
-                cells.append(f"{er} · {M['numerical_rank']}/{M['ceiling']}")
+        for _, _, M in layer_modes(layer):
+            er = "/".join(str(M["energy_ranks"][e]) for e in energies)
+            cells.append(f"{er} · {M['numerical_rank']}/{M['ceiling']}")
         p = layer["params"]
         cells.append(f"{p['original']:,}")
         cells.append(f"{p['tucker_0.99']:,}" if "tucker_0.99" in p else "–")

@@ -9,3 +9,10 @@ SCHEMA = "tuckerctl.analysis/2"
 SET_SCHEMA = "tuckerctl.analyses/1"  # several analyses in one document: {"models": [...]}
 TENSORS = ("pre", "post")
 MODE_NAMES = {"pre": ("head", "query", "key"), "post": ("head", "output", "value")}
+
+
+def layer_modes(layer: dict, keys=TENSORS):
+    """``(tensor, mode, record)`` for each mode record of one layer of an analysis, in table order."""
+    for key in keys:
+        for mode in MODE_NAMES[key]:
+            yield key, mode, layer[key]["modes"][mode]

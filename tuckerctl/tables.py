@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import printable
-from .schema import MODE_NAMES
+from .schema import MODE_NAMES, layer_modes
 
 
 def lit(value) -> str:
@@ -56,12 +56,10 @@ def print_analysis(doc: dict, console: Console, wide: bool = False) -> None:
             table.add_column("Tucker@0.99\n/ original", justify="right", no_wrap=True, min_width=11)
         for layer in doc["layers"]:
             cells = [str(layer["index"])]
-            for key in keys:
-                for mode in MODE_NAMES[key]:
-                    m = layer[key]["modes"][mode]
-                    e = " ".join(str(m["energy_ranks"][t]) for t in energies)
-                    at = "[green]" if m["numerical_rank"] >= m["ceiling"] else ""
-                    cells.append(f"{e} | {at}{m['numerical_rank']}/{m['ceiling']}")
+            for _, _, m in layer_modes(layer, keys):
+                e = " ".join(str(m["energy_ranks"][t]) for t in energies)
+                at = "[green]" if m["numerical_rank"] >= m["ceiling"] else ""
+                cells.append(f"{e} | {at}{m['numerical_rank']}/{m['ceiling']}")
             if keys[-1] == "post":
                 p = layer["params"]
                 tucker = next(v for k, v in p.items() if k.startswith("tucker_"))

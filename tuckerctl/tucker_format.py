@@ -417,11 +417,3 @@ class TuckerCheckpoint(Sequence):
 def load(path) -> TuckerCheckpoint:
     """Open a compressed checkpoint directory (or its model.safetensors)."""
     return TuckerCheckpoint(Path(path))
-
-
-def read_layer(path, layer: int, device=None):
-    """(spec, pre_core, pre_factors, post_core, post_factors, out_bias) of one layer."""
-    ck = load(path)
-    t = ck.layer(layer, device)
-    return ck.spec, t.pre_core, t.pre_factors, t.post_core, t.post_factors, t.out_bias
-

@@ -98,7 +98,7 @@ class FusedQKV(Adapter):
             cls.signature = signature_of(cls.stack, cls.qkv + ".weight")
 
     # -- per-family hooks
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes) -> tuple[int, int, int, int]:
+    def _dims(self, ckpt, cfg, src, qkv_shape, notes) -> tuple[int, int, int, int]:
         """(d, H, G, d_h) from the config (and shapes only where the config is silent)."""
         raise NotImplementedError
 
@@ -120,7 +120,7 @@ class FusedQKV(Adapter):
         if out_name not in ckpt:
             raise InputError(f"{ckpt.path}: missing tensor {out_name!r}")
         notes: list[str] = []
-        d, H, G, dh = self._dims(ckpt, cfg, src, qkv_shape, tuple(ckpt.shape(out_name)), notes)
+        d, H, G, dh = self._dims(ckpt, cfg, src, qkv_shape, notes)
         check_heads(src, d, H, G, dh)
         what = f"d={d}, heads={H}, kv_heads={G}, head_dim={dh}"
         check_shape(ckpt, base + self.qkv + ".weight", self._w_shape((H + 2 * G) * dh, d), what)
@@ -184,7 +184,7 @@ class Phi3(FusedQKV):
     families = families_of("Phi3")
     stack, qkv, out, layout = "layers.", "self_attn.qkv_proj", "self_attn.o_proj", "contiguous"
 
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
+    def _dims(self, ckpt, cfg, src, qkv_shape, notes):
         d = _d_from(cfg, qkv_shape[1], notes, "qkv_proj")
         H = require_heads(cfg, src)
         dh = cfg_get(cfg, "head_dim")
@@ -214,7 +214,7 @@ class GPT2(FusedQKV):
     families = families_of("GPT2")
     stack, qkv, out, layout, conv1d = "h.", "attn.c_attn", "attn.c_proj", "contiguous", True
 
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
+    def _dims(self, ckpt, cfg, src, qkv_shape, notes):
         d = _d_from(cfg, qkv_shape[0], notes, "c_attn")
         H = require_heads(cfg, src)
         dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
@@ -238,7 +238,16 @@ def _fused_dims(cfg: dict, src: str, qkv_shape, notes: list) -> tuple[int, int, 
     return d, H, mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
 
 
-class GPTNeoX(FusedQKV):
+class QueryKeyValue(FusedQKV):
+    """A ``query_key_value`` [(H + 2G) d_h, d] family (NeoX, Falcon, Bloom): d_h = d / H, and
+    G = H unless the family's ``_dims`` says otherwise (Falcon)."""
+
+    def _dims(self, ckpt, cfg, src, qkv_shape, notes):
+        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
+        return d, H, H, dh
+
+
+class GPTNeoX(QueryKeyValue):
     """GPT-NeoX / Pythia: ``attention.query_key_value`` [3d, d] per-head interleaved
     view(H, 3, d_h, d), bias; RoPE on the first ``rotary_pct`` of each head."""
 
@@ -246,16 +255,12 @@ class GPTNeoX(FusedQKV):
     stack, qkv, out, layout = "layers.", "attention.query_key_value", "attention.dense", "grouped"
     bias_key = "attention_bias"
 
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
-        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
-        return d, H, H, dh
-
     def _extras(self, cfg, head_dim, notes):
         extras = {"causal": True, **rope_extras(cfg, 0.25, "rotary_pct", "rotary_emb_base")}
         return True, default_scale(head_dim), extras
 
 
-class Falcon(FusedQKV):
+class Falcon(QueryKeyValue):
     """Falcon: ``self_attention.query_key_value`` grouped view(G, r + 2, d_h, d) with
     G = ``num_kv_heads`` (new_decoder_architecture, 40B/180B), 1 (``multi_query``, 7B)
     or H (classic MHA, Falcon-RW). RoPE, or ALiBi when ``alibi``."""
@@ -264,7 +269,7 @@ class Falcon(FusedQKV):
     stack, qkv, out, layout = "h.", "self_attention.query_key_value", "self_attention.dense", "grouped"
     bias_key = "bias"
 
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
+    def _dims(self, ckpt, cfg, src, qkv_shape, notes):
         d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
         family = cfg.get("model_type")
         kv = cfg_get(cfg, *KV_KEYS)
@@ -294,7 +299,7 @@ class Falcon(FusedQKV):
         return True, default_scale(head_dim), extras
 
 
-class Bloom(FusedQKV):
+class Bloom(QueryKeyValue):
     """Bloom: ``self_attention.query_key_value`` [3d, d] per-head interleaved
     view(H, 3, d_h, d), bias, ALiBi added after the scale."""
 
@@ -303,10 +308,6 @@ class Bloom(FusedQKV):
     # Same tensor names as Falcon: config-less files are read by the Falcon adapter,
     # whose G = H case is exactly this layout.
     signature = ""
-
-    def _dims(self, ckpt, cfg, src, qkv_shape, out_shape, notes):
-        d, H, dh = _fused_dims(cfg, src, qkv_shape, notes)
-        return d, H, H, dh
 
     def _extras(self, cfg, head_dim, notes):
         return False, default_scale(head_dim), {"causal": True, "alibi": True, "alibi_scaled": False}
