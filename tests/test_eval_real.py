@@ -3,31 +3,22 @@
 the original models."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from test_real_checkpoints import MINILM, SMOL, needs_minilm, needs_smol
+from oracle import run_cli
+from realmodels import needs_minilm, needs_smol
 from textdata import write_texts
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "tuckerctl", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
 
 
 @pytest.mark.slow
 @needs_smol
-def test_smollm2_gguf_full_rank_round_trip_through_eval(tmp_path):
-    src = SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_smollm2_gguf_full_rank_round_trip_through_eval(smollm2_full_rank, tmp_path):
+    src, out, comp = smollm2_full_rank  # compress --ranks 9,576,192 --hooi-iters 0
     _, text = write_texts(tmp_path / "text")
-    res = cli("compress", src, "-o", tmp_path / "out", "--ranks", "9,576,192", "--hooi-iters", "0", "--no-check",
-              "--quiet", "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["structure"] == "qk_input"  # the model's own RoPE, exactly
-    res = cli("eval", tmp_path / "out", "--against", src, "--text", text, "--max-tokens", "384", "--seq-len", "192",
-              "--json", "--quiet", "--max-kld", "1e-6", "--max-ppl-ratio", "1.0001")
-    assert res.returncode == 0, res.stderr
+    assert comp["structure"] == "qk_input"  # the model's own RoPE, exactly
+    res = run_cli("eval", out, "--against", src, "--text", text, "--max-tokens", "384", "--seq-len", "192",
+                  "--json", "--quiet", "--max-kld", "1e-6", "--max-ppl-ratio", "1.0001")
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["model_kind"] == "causal_lm" and doc["method"] == "tucker" and doc["tokens"] == 382
     p = doc["perplexity"]
@@ -39,15 +30,12 @@ def test_smollm2_gguf_full_rank_round_trip_through_eval(tmp_path):
 
 @pytest.mark.slow
 @needs_minilm
-def test_minilm_full_rank_round_trip_through_eval(tmp_path):
-    src = MINILM / "model"
+def test_minilm_full_rank_round_trip_through_eval(minilm_full_rank, tmp_path):
+    src, out, _ = minilm_full_rank  # compress --ranks 12,385,385 --hooi-iters 0
     _, text = write_texts(tmp_path / "text")
-    res = cli("compress", src, "-o", tmp_path / "out", "--ranks", "12,385,385", "--hooi-iters", "0", "--no-check",
-              "--quiet")
-    assert res.returncode == 0, res.stderr
-    res = cli("eval", tmp_path / "out", "--against", src, "--text", text, "--max-tokens", "500", "--seq-len", "256",
-              "--json", "--quiet")
-    assert res.returncode == 0, res.stderr
+    res = run_cli("eval", out, "--against", src, "--text", text, "--max-tokens", "500", "--seq-len", "256",
+                  "--json", "--quiet")
+    assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["model_kind"] == "encoder" and doc["tokens"] >= 500
     assert doc["cosine"]["mean"] >= 0.99999 and doc["cosine"]["min"] >= 0.9999

