@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from typer.main import get_command as _build_command
 
 from tuckerctl.errors import InputError
 
@@ -122,19 +123,33 @@ class CliRun:
     stderr: str
 
 
+_COMMANDS: dict = {}
+
+
+def _click_command(typer_app):
+    """typer rebuilds the click command from every function signature (evaluating each
+    annotation) on each call of the app: about half of an in-process run. A click command
+    serves any number of invocations (each gets a fresh context), so build it once."""
+    if typer_app not in _COMMANDS:
+        _COMMANDS[typer_app] = _build_command(typer_app)
+    return _COMMANDS[typer_app]
+
+
 def run_cli(*args) -> CliRun:
     """``tuckerctl ARGS`` in this process: ``cli.main`` (with its exit-code mapping) inside
     typer's CliRunner isolation, which captures stdout and stderr. Saves the 4-5 s torch
     import of a subprocess; keep subprocesses for what needs the process boundary. The
     signal handlers ``main`` installs are put back afterwards."""
     import signal
+    from unittest import mock
 
+    import typer.main
     from typer.testing import CliRunner
 
     from tuckerctl.cli import main
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    with CliRunner().isolation() as (out, err, _):
+    with CliRunner().isolation() as (out, err, _), mock.patch.object(typer.main, "get_command", _click_command):
         try:
             main([str(a) for a in args])
             code = 0

@@ -164,10 +164,11 @@ CASES = [(c, f, t, o) for c in COMMANDS for f in (REPORT_FORMS if c == "report -
 
 @pytest.fixture(scope="module")
 def shared(template, tmp_path_factory):
-    """One copy of the template for the cases that must refuse (they must not change it)."""
+    """One copy of the template for the cases that must refuse (they must not change it), and
+    its snapshot taken once: every case compares the tree with this pristine state."""
     root = tmp_path_factory.mktemp("safety-shared") / "t"
     shutil.copytree(template, root, symlinks=True)
-    return root
+    return root, snapshot(root)
 
 
 def _run_case(root: Path, command: str, form: str, target: str, overwrite: bool):
@@ -186,9 +187,9 @@ def _run_case(root: Path, command: str, form: str, target: str, overwrite: bool)
     pytest.param(*c, id=f"{c[0].replace(' ', '')}-{c[1]}-{c[2]}-{'ow' if c[3] else 'new'}")
     for c in CASES if not expected_ok(*c)])
 def test_refused_and_nothing_changed(shared, command, form, target, overwrite):
-    before = snapshot(shared)
-    assert_user_error(_run_case(shared, command, form, target, overwrite))
-    assert snapshot(shared) == before  # every byte, link and directory as it was
+    root, pristine = shared
+    assert_user_error(_run_case(root, command, form, target, overwrite))
+    assert snapshot(root) == pristine  # every byte, link and directory as it was
 
 
 def _allowed_cases():
