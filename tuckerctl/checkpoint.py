@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .strict import loads_strict, regular_file
+from .strict import loads_strict, read_json, regular_file
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
@@ -145,10 +145,7 @@ def _find_files(path: Path) -> tuple[list[Path], Path | None]:
 def _read_index(index: Path, partial: bool = False) -> list[Path]:
     """The shards an index names; with ``partial``, only those present (a Hub snapshot
     fetched for analysis holds just the attention shards)."""
-    try:
-        data = loads_strict(regular_file(index).read_bytes(), str(index))
-    except OSError as e:
-        raise InputError(f"{index}: cannot read ({e.strerror})") from None
+    data = read_json(index, "a safetensors index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index}: not a valid safetensors index ('weight_map' must map names to shard files)")
@@ -267,10 +264,7 @@ def require_finite(t: torch.Tensor, file, name: str) -> torch.Tensor:
 
 def load_config(path: Path) -> dict:
     """Read a config.json, naming the file in any error."""
-    try:
-        cfg = loads_strict(regular_file(path).read_bytes(), str(path))
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    cfg = read_json(path, "config JSON")
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: config is not a JSON object")
     return cfg

@@ -9,7 +9,6 @@ image paths, so the directory can be copied and read offline.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ from .errors import InputError
 from .io import atomic_write
 from .outputs import claim, file_mode
 from .schema import MODE_NAMES, SCHEMA, SET_SCHEMA, TENSORS, layer_modes
-from .strict import loads_strict, regular_file
+from .strict import read_json
 
 FORMATS = ("png", "svg", "pdf")
 ATTENTIONS = ("MHA", "GQA", "MQA", "MLA")
@@ -240,19 +239,7 @@ def load_analysis(path) -> dict:
 
 
 def _read_json(path: Path):
-    try:
-        text = regular_file(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 text file (expected analysis JSON)") from None
-    try:
-        json.loads(text)  # for the position of a syntax error
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except RecursionError:
-        pass  # reported by loads_strict
-    return loads_strict(text, str(path), constants=True)  # validate_analysis names a NaN's field
+    return read_json(path, "analysis JSON", constants=True)  # validate_analysis names a NaN's field
 
 
 # ----------------------------------------------------------------------------- report

@@ -41,6 +41,24 @@ def loads_strict(text, what: str, constants: bool = False):
         raise InputError(f"{what}: JSON nested too deeply") from None
 
 
+def read_json(path: Path, expected: str = "JSON", constants: bool = False):
+    """Read and parse the JSON file ``path`` strictly (:func:`loads_strict`); every failure is
+    a one-line InputError naming the file (and the line and column of a syntax error)."""
+    try:
+        text = regular_file(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file (expected {expected})") from None
+    try:
+        json.loads(text)  # for the position of a syntax error
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        pass  # reported by loads_strict
+    return loads_strict(text, str(path), constants=constants)
+
+
 def regular_file(path: Path) -> Path:
     """``path`` if it is a regular file (after symlinks); a FIFO, device or socket would
     block or stream forever, so it is an InputError before anything opens it."""

@@ -11,8 +11,9 @@ import re
 
 from ..checkpoint import Checkpoint
 from ..errors import InputError
+from ..families import FAMILIES
 from . import encoders, fused, mla
-from .base import HEAD_KEYS, KV_KEYS, Adapter, LayerWeights, ModelSpec
+from .base import D_KEYS, HEAD_KEYS, KV_KEYS, Adapter, LayerWeights, ModelSpec, cfg_get
 from .llama import LlamaLike
 
 # One adapter per layout; tuckerctl.families says which model types each reads.
@@ -34,10 +35,17 @@ def family_adapter(family: str) -> Adapter:
 
 
 def _text_config(cfg: dict) -> dict:
+    """The language model's fields of a multimodal config (the one place that unwraps
+    ``text_config``): the nested config when the wrapper is not a supported family (Kimi-K2.5
+    wraps DeepSeek-V3) or has no width of its own (Gemma3: ``model_type: gemma3``, fields
+    under ``text_config``; the nested model_type, else the wrapper's)."""
     text = cfg.get("text_config")
-    if isinstance(text, dict) and text.get("model_type") and cfg.get("model_type") not in (
-            f for a in ADAPTERS for f in a.families):
+    if not isinstance(text, dict):
+        return cfg
+    if text.get("model_type") and cfg.get("model_type") not in FAMILIES:
         return {**text}
+    if cfg_get(cfg, *D_KEYS) is None:
+        return {**text, "model_type": text.get("model_type") or cfg.get("model_type")}
     return cfg
 
 

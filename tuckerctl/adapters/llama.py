@@ -32,20 +32,6 @@ _STACK = r"(?P<layer>\d+)\.self_attn\."
 _ATTN = r"layers\." + _STACK
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-# Command-line overrides -> config keys (detect writes them at the top level only).
-_OVERRIDE_KEYS = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
-
-
-def _language_config(cfg: dict, overrides: dict) -> dict:
-    """A multimodal config (e.g. Gemma3's, top-level ``model_type: gemma3``) keeps the
-    language model's fields under ``text_config``: read those, with the overrides on top."""
-    text = cfg.get("text_config")
-    if not isinstance(text, dict) or cfg.get("hidden_size") is not None:
-        return cfg
-    merged = {**text, "model_type": text.get("model_type") or cfg.get("model_type")}
-    merged.update({_OVERRIDE_KEYS[k]: v for k, v in overrides.items()})
-    return merged
-
 
 def _shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     H, G, dh, d = spec.heads, spec.kv_heads, spec.head_dim, spec.d
@@ -69,7 +55,6 @@ class LlamaLike(Adapter):
     signature = _ATTN + r"q_proj\.weight"
 
     def spec(self, ckpt: Checkpoint, cfg: dict, overrides: dict) -> ModelSpec:
-        cfg = _language_config(cfg, overrides)
         family = cfg.get("model_type") or "llama"
         src = str(ckpt.config_path or ckpt.path)
         prefix, qs = find_layers(ckpt, _ATTN + r"q_proj\.weight")
