@@ -26,3 +26,23 @@ def test_ranks_as_a_tuple_equal_the_text_form():
     for bad in [(8, 128), (8, 0, 64), ("a", 1, 1)]:
         with pytest.raises(InputError, match="ranks"):
             parse_ranks(bad, "ranks")
+
+
+def test_compressed_layer_unpacks_like_a_tensorly_tucker(tmp_path):
+    """``load(path).layer(i).post`` is a plain Tucker: ``core, factors = ...`` and TensorLy's
+    ``tucker_to_tensor`` rebuild the same dense tensor as the factors contracted by hand."""
+    import tensorly as tl
+    import torch
+
+    from tuckerctl import load
+    from tuckerctl.compress import compress
+
+    compress(EXAMPLE, tmp_path / "out", ranks=(2, 8, 4), structure="tucker", device="cpu", hooi_iters=0)
+    layer = load(tmp_path / "out").layer(0, dtype=torch.float64)
+    for t in (layer.pre, layer.post):
+        core, (U1, U2, U3) = t
+        by_hand = torch.einsum("abc,ha,mb,nc->hmn", core, U1, U2, U3)
+        with tl.backend_context("pytorch"):
+            dense = tl.tucker_to_tensor(t)
+        assert dense.shape == by_hand.shape == (U1.shape[0], U2.shape[0], U3.shape[0])
+        assert torch.allclose(dense, by_hand, rtol=1e-12, atol=1e-12)

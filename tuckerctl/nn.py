@@ -259,7 +259,7 @@ class TuckerAttention(nn.Module):
         if t.structure == QK_INPUT:
             module = QKInputAttention.from_layer(ck, layer, causal=causal, dtype=dtype)
             return module.to(device) if device is not None else module
-        module = cls.from_tucker((t.pre_core, t.pre_factors), (t.post_core, t.post_factors), ck.spec,
+        module = cls.from_tucker(t.pre, t.post, ck.spec,
                                  out_bias=t.out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
                                  layer=layer)
         return module.to(device) if device is not None else module

@@ -241,6 +241,18 @@ class TuckerLayer:
     output_heads: torch.Tensor | None = None
     value_groups: torch.Tensor | None = None
 
+    @property
+    def pre(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """The query-key tensor as a plain Tucker ``(core, [U1, U2, U3])``, which unpacks and
+        feeds ``tensorly.tucker_to_tensor`` like TensorLy's own; None in the qk_input structure
+        (no core: see :meth:`pre_mixers`)."""
+        return None if self.pre_core is None else (self.pre_core, self.pre_factors)
+
+    @property
+    def post(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The value-output tensor as a plain Tucker ``(core, [U1, U2, U3])`` (see :attr:`pre`)."""
+        return self.post_core, self.post_factors
+
     def pre_mixers(self) -> torch.Tensor:
         """M_h (H, r2, r3) with W_hat[h] = U2 M_h U3^T, whatever the structure (the
         zero-offset form; qk-norm gains included, the per-token 1/rms factors not)."""
