@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated, Optional, get_type_hints
+from typing import Annotated, get_type_hints
 
 import typer
 from rich.console import Console
@@ -40,8 +40,8 @@ if not err.is_terminal:  # logs and CI: do not wrap at 80 columns unless COLUMNS
 
 SOURCE_PANEL = "Reading the checkpoint"
 ANALYSIS_PANEL = "Analysis"
-CONFIG = typer.Option(None, "--config", help="config.json to use instead of the one beside the checkpoint.",
-                      rich_help_panel=SOURCE_PANEL)
+Config = Annotated[Path | None, typer.Option(
+    "--config", rich_help_panel=SOURCE_PANEL, help="config.json to use instead of the one beside the checkpoint.")]
 
 
 @dataclass
@@ -49,16 +49,14 @@ class ModelSource:
     """How to read a checkpoint's structure: ``--config`` and the overrides of its fields
     (analyze, inspect, compress, report); the library takes them as keyword arguments."""
 
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="config.json to use instead of the one beside the checkpoint.",
-        rich_help_panel=SOURCE_PANEL)] = None
-    heads: Annotated[Optional[int], typer.Option(
+    config: Config = None
+    heads: Annotated[int | None, typer.Option(
         "--heads", help="Query heads H (needed without config.json).", rich_help_panel=SOURCE_PANEL)] = None
-    kv_heads: Annotated[Optional[int], typer.Option(
+    kv_heads: Annotated[int | None, typer.Option(
         "--kv-heads", help="KV heads G (GQA groups).", rich_help_panel=SOURCE_PANEL)] = None
-    head_dim: Annotated[Optional[int], typer.Option(
+    head_dim: Annotated[int | None, typer.Option(
         "--head-dim", help="Per-head width d_h.", rich_help_panel=SOURCE_PANEL)] = None
-    family: Annotated[Optional[str], typer.Option(
+    family: Annotated[str | None, typer.Option(
         "--family", help="Force the architecture family (config model_type).", rich_help_panel=SOURCE_PANEL)] = None
 
 
@@ -67,12 +65,12 @@ class AnalysisOptions:
     """What ``analyze`` measures (analyze, and report on checkpoints); ``energy`` is parsed by
     :func:`_analysis_options`."""
 
-    layers: Annotated[Optional[str], typer.Option(
+    layers: Annotated[str | None, typer.Option(
         "--layers", help="Layers to analyse, e.g. 0,5-7 (default all).", rich_help_panel=ANALYSIS_PANEL)] = None
     energy: Annotated[str, typer.Option(
         "--energy", help="Energy thresholds for the energy ranks.", rich_help_panel=ANALYSIS_PANEL)] = \
         "0.9,0.99,0.999"
-    tol: Annotated[Optional[float], typer.Option(
+    tol: Annotated[float | None, typer.Option(
         "--tol", help="Numerical-rank tolerance relative to sigma_1 (default from the stored dtype).",
         rich_help_panel=ANALYSIS_PANEL)] = None
 
@@ -99,18 +97,27 @@ def bundled(name: str, bundle: type):
 
     return wrap
 
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-JSON = typer.Option(False, "--json", help="Write the JSON document to stdout.")
-OUTPUT = typer.Option(None, "--output", help="Write the JSON document to this file (new, or with --overwrite "
-                      "an earlier tuckerctl JSON; never an input).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by tuckerctl.")
+Device = Annotated[str, typer.Option(
+    "--device", help="auto | cpu | cuda | cuda:N.")]
+Json = Annotated[bool, typer.Option(
+    "--json", help="Write the JSON document to stdout.")]
+Output = Annotated[Path | None, typer.Option(
+    "--output",
+    help="Write the JSON document to this file (new, or with --overwrite an earlier tuckerctl JSON; never an "
+         "input).")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an existing output written by tuckerctl.")]
 # -o is always where a command's result goes: the JSON file of analyze/inspect/verify, the
 # directory of compress/report (whose --output is the JSON document beside it).
-OUTPUT_FILE = typer.Option(None, "--output", "-o", help="Write the JSON document to this file (new, or with "
-                           "--overwrite an earlier tuckerctl JSON; never an input).")
-QUIET = typer.Option(False, "--quiet", "-q", help="No tables or progress on stderr.")
-REVISION = typer.Option(None, "--revision", help="Hub model ids and cache folders: branch, tag or commit "
-                        "(default main).", rich_help_panel=SOURCE_PANEL)
+OutputFile = Annotated[Path | None, typer.Option(
+    "--output", "-o",
+    help="Write the JSON document to this file (new, or with --overwrite an earlier tuckerctl JSON; never an "
+         "input).")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No tables or progress on stderr.")]
+Revision = Annotated[str | None, typer.Option(
+    "--revision", rich_help_panel=SOURCE_PANEL,
+    help="Hub model ids and cache folders: branch, tag or commit (default main).")]
 
 
 def _progress(quiet: bool, label: str, unit: str = "layers"):
@@ -143,7 +150,7 @@ def _progress(quiet: bool, label: str, unit: str = "layers"):
     return update, bar
 
 
-def claim_json(output: Optional[Path], inputs, overwrite: bool):
+def claim_json(output: Path | None, inputs, overwrite: bool):
     """Clear ``--output`` for writing before any work (:func:`tuckerctl.outputs.claim`)."""
     return None if output is None else claim(output, "json", inputs=inputs, overwrite=overwrite)
 
@@ -173,9 +180,10 @@ def _analysis_options(energy: str, tol, device) -> tuple[float, ...]:
 
 SOURCES_HELP = ("Checkpoints: .safetensors files, (sharded) model directories, .gguf files, Hugging Face cache "
                 "folders or Hub model ids (org/name); globs allowed.")
-ROPE_OFFSETS = typer.Option(2048, "--rope-offsets", min=0, rich_help_panel=ANALYSIS_PANEL,
-                            help="RoPE models: average the query-key mode spectra over offsets 0..N-1 "
-                            "(0: the zero-offset form W\\[h] = W_Q^h W_K^gT).")
+RopeOffsets = Annotated[int, typer.Option(
+    "--rope-offsets", min=0, rich_help_panel=ANALYSIS_PANEL,
+    help="RoPE models: average the query-key mode spectra over offsets 0..N-1 (0: the zero-offset form W\\[h] = "
+         "W_Q^h W_K^gT).")]
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -241,20 +249,23 @@ def _analysis_docs(sources: list[str], quiet: bool, show: bool, wide: bool = Fal
 @bundled("source", ModelSource)
 @bundled("measure", AnalysisOptions)
 def analyze(
-    sources: list[str] = typer.Argument(..., help=SOURCES_HELP, show_default=False),
+    sources: Annotated[list[str], typer.Argument(
+        help=SOURCES_HELP, show_default=False)],
     source: ModelSource = None,
     measure: AnalysisOptions = None,
-    rope_offsets: int = ROPE_OFFSETS,
-    cross_check: bool = typer.Option(False, "--cross-check", help="Also compute the spectra of every layer "
-                                     "of at most 16 Mi numbers per tensor the dense way, with TensorLy; exit 1 "
-                                     "when they deviate by more than 1e-6 sigma_1."),
-    device: str = DEVICE,
-    revision: Optional[str] = REVISION,
-    wide: bool = typer.Option(False, "--wide", help="One table for both tensors (needs a wide terminal)."),
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT_FILE,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
+    rope_offsets: RopeOffsets = 2048,
+    cross_check: Annotated[bool, typer.Option(
+        "--cross-check",
+        help="Also compute the spectra of every layer of at most 16 Mi numbers per tensor the dense "
+             "way, with TensorLy; exit 1 when they deviate by more than 1e-6 sigma_1.")] = False,
+    device: Device = "auto",
+    revision: Revision = None,
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="One table for both tensors (needs a wide terminal).")] = False,
+    json_out: Json = False,
+    output: OutputFile = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ):
     """Multilinear ranks of every layer's query-key and value-output tensors.
 
@@ -298,14 +309,15 @@ def analyze(
 @app.command()
 @bundled("source", ModelSource)
 def inspect(
-    path: str = typer.Argument(..., help="A .safetensors file, a (sharded) model directory, a .gguf file, "
-                               "a Hugging Face cache folder or a Hub model id (org/name)."),
+    path: Annotated[str, typer.Argument(
+        help="A .safetensors file, a (sharded) model directory, a .gguf file, a Hugging Face cache folder or a "
+             "Hub model id (org/name).")],
     source: ModelSource = None,
-    revision: Optional[str] = REVISION,
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT_FILE,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
+    revision: Revision = None,
+    json_out: Json = False,
+    output: OutputFile = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ):
     """Show the detected structure, tensor by tensor (reads one layer only).
 
@@ -327,42 +339,56 @@ def inspect(
 @app.command()
 @bundled("source", ModelSource)
 def compress(
-    path: Path = typer.Argument(..., help="The source checkpoint (file, directory or .gguf)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    ranks: Optional[str] = typer.Option(None, "--ranks", help="head,query,key ranks, e.g. 8,128,64 "
-                                        "(both tensors unless --ranks-post)."),
-    ranks_post: Optional[str] = typer.Option(None, "--ranks-post", help="head,output,value ranks of the "
-                                             "post-softmax tensor."),
-    energy: Optional[float] = typer.Option(None, "--energy", help="Per-layer, per-mode ranks keeping this "
-                                           "fraction of each mode's energy."),
-    params: Optional[float] = typer.Option(None, "--params", help="Fraction of the attention parameters to "
-                                           "keep; ranks allocated across layers and modes."),
-    hooi_iters: int = typer.Option(2, "--hooi-iters", help="HOOI sweeps after the truncated HOSVD."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored factor dtype: float32, bfloat16, float16 "
-                                        "(default: the source's; float32 for float32/fp8/quantised sources)."),
-    structure: str = typer.Option("auto", "--structure", help="Query-key structure: qk-input (exact with the "
-                                  "model's own RoPE; the default for RoPE models), tucker (3-mode, heads mixed; "
-                                  "the default otherwise; on RoPE models it needs latent RoPE, an approximation)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Verify the written checkpoint."),
-    max_error: Optional[float] = typer.Option(None, "--max-error", help="With the check: exit 1 when a "
-                                              "layer's relative weight error exceeds this."),
-    tokens: int = typer.Option(64, "--tokens", help="Random tokens for the functional check."),
-    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Text file: run the original model on "
-                                             "it and minimise the error of the layers' outputs on those "
-                                             "inputs (needs transformers)."),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens (from the start of "
-                                     "the --calibrate text)."),
-    method: str = typer.Option("tucker", "--method", help="tucker (shared subspaces per layer) or svd "
-                               "(per-matrix SVD baseline, SVD-LLM style when calibrated)."),
-    tensors: str = typer.Option("both", "--tensors", help="Which tensors to compress: pre (query-key), post "
-                                "(value-output) or both."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs written by tuckerctl "
-                                   "(never an input, never anything else)."),
+    path: Annotated[Path, typer.Argument(
+        help="The source checkpoint (file, directory or .gguf).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output directory (written atomically).")],
+    ranks: Annotated[str | None, typer.Option(
+        "--ranks", help="head,query,key ranks, e.g. 8,128,64 (both tensors unless --ranks-post).")] = None,
+    ranks_post: Annotated[str | None, typer.Option(
+        "--ranks-post", help="head,output,value ranks of the post-softmax tensor.")] = None,
+    energy: Annotated[float | None, typer.Option(
+        "--energy", help="Per-layer, per-mode ranks keeping this fraction of each mode's energy.")] = None,
+    params: Annotated[float | None, typer.Option(
+        "--params",
+        help="Fraction of the attention parameters to keep; ranks allocated across layers and modes.")] = None,
+    hooi_iters: Annotated[int, typer.Option(
+        "--hooi-iters", help="HOOI sweeps after the truncated HOSVD.")] = 2,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype",
+        help="Stored factor dtype: float32, bfloat16, float16 (default: the source's; float32 for "
+             "float32/fp8/quantised sources).")] = None,
+    structure: Annotated[str, typer.Option(
+        "--structure",
+        help="Query-key structure: qk-input (exact with the model's own RoPE; the default for RoPE "
+             "models), tucker (3-mode, heads mixed; the default otherwise; on RoPE models it needs "
+             "latent RoPE, an approximation).")] = "auto",
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="Verify the written checkpoint.")] = True,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", help="With the check: exit 1 when a layer's relative weight error exceeds this.")] = None,
+    tokens: Annotated[int, typer.Option(
+        "--tokens", help="Random tokens for the functional check.")] = 64,
+    calibrate: Annotated[Path | None, typer.Option(
+        "--calibrate",
+        help="Text file: run the original model on it and minimise the error of the layers' outputs on "
+             "those inputs (needs transformers).")] = None,
+    calib_tokens: Annotated[int, typer.Option(
+        "--calib-tokens", help="Calibration tokens (from the start of the --calibrate text).")] = 4096,
+    method: Annotated[str, typer.Option(
+        "--method",
+        help="tucker (shared subspaces per layer) or svd (per-matrix SVD baseline, SVD-LLM style "
+             "when calibrated).")] = "tucker",
+    tensors: Annotated[str, typer.Option(
+        "--tensors", help="Which tensors to compress: pre (query-key), post (value-output) or both.")] = "both",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite",
+        help="Replace existing outputs written by tuckerctl (never an input, never anything else).")] = False,
     source: ModelSource = None,
-    device: str = DEVICE,
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
-    quiet: bool = QUIET,
+    device: Device = "auto",
+    json_out: Json = False,
+    output: Output = None,
+    quiet: Quiet = False,
 ):
     """Write a compressed Tucker checkpoint (HOSVD + HOOI from the factors), then check it.
 
@@ -418,18 +444,22 @@ def compress(
 
 @app.command()
 def verify(
-    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
-    against: Path = typer.Option(..., "--against", help="The source checkpoint it was compressed from."),
-    max_error: Optional[float] = typer.Option(None, "--max-error", help="Exit 1 when a layer's relative "
-                                              "weight error (either tensor) exceeds this."),
-    tokens: int = typer.Option(64, "--tokens", help="Random tokens for the functional check."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
-    config: Optional[Path] = CONFIG,
-    device: str = DEVICE,
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT_FILE,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
+    compressed: Annotated[Path, typer.Argument(
+        help="A checkpoint written by tuckerctl compress.")],
+    against: Annotated[Path, typer.Option(
+        "--against", help="The source checkpoint it was compressed from.")],
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", help="Exit 1 when a layer's relative weight error (either tensor) exceeds this.")] = None,
+    tokens: Annotated[int, typer.Option(
+        "--tokens", help="Random tokens for the functional check.")] = 64,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the random tokens.")] = 0,
+    config: Config = None,
+    device: Device = "auto",
+    json_out: Json = False,
+    output: OutputFile = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ):
     """Reconstruction checks: per-layer weight errors (dense, per head) and attention output errors.
 
@@ -458,22 +488,25 @@ def verify(
 
 @app.command("eval")
 def eval_(
-    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
-    against: Path = typer.Option(..., "--against", help="The original checkpoint (directory with "
-                                 "config.json, or .gguf)."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score the models on."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window (non-overlapping windows)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens "
-                                             "(from the start of the text)."),
-    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Exit 1 when the mean KL divergence "
-                                            "exceeds this."),
-    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Exit 1 when compressed / "
-                                                  "original perplexity exceeds this."),
-    device: str = DEVICE,
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
+    compressed: Annotated[Path, typer.Argument(
+        help="A checkpoint written by tuckerctl compress.")],
+    against: Annotated[Path, typer.Option(
+        "--against", help="The original checkpoint (directory with config.json, or .gguf).")],
+    text: Annotated[Path, typer.Option(
+        "--text", help="UTF-8 text file to score the models on.")],
+    seq_len: Annotated[int, typer.Option(
+        "--seq-len", help="Tokens per window (non-overlapping windows).")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="Score at most this many tokens (from the start of the text).")] = None,
+    max_kld: Annotated[float | None, typer.Option(
+        "--max-kld", help="Exit 1 when the mean KL divergence exceeds this.")] = None,
+    max_ppl_ratio: Annotated[float | None, typer.Option(
+        "--max-ppl-ratio", help="Exit 1 when compressed / original perplexity exceeds this.")] = None,
+    device: Device = "auto",
+    json_out: Json = False,
+    output: Output = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ):
     """Score a compressed model against the original on real text: perplexity of both,
     KL divergence and top-1 agreement of the next-token distributions (causal LMs), or
@@ -499,29 +532,42 @@ def eval_(
 
 @app.command()
 def heal(
-    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress (qk_input structure)."),
-    against: Path = typer.Option(..., "--against", help="The original it was compressed from (model directory "
-                                 "or .gguf), run with transformers as the teacher."),
-    text: Path = typer.Option(..., "--text", help="UTF-8 healing text (keep it disjoint from evaluation text)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (a normal compressed checkpoint, "
-                             "written atomically)."),
-    tokens: int = typer.Option(8192, "--tokens", help="Tokens of the text to use (from its start)."),
-    steps: int = typer.Option(100, "--steps", help="Layer-wise optimiser steps per layer (0: skip the "
-                              "layer-wise pass; needs --kl-steps)."),
-    lr: float = typer.Option(0.01, "--lr", help="Peak step size relative to each tensor's RMS."),
-    kl_steps: int = typer.Option(0, "--kl-steps", help="Steps of an end-to-end pass after the layer-wise one: "
-                                 "all layers' factors jointly on the next-token KL divergence to the original "
-                                 "(0: off)."),
-    kl_lr: Optional[float] = typer.Option(None, "--kl-lr", help="Peak step size of the end-to-end pass, "
-                                          "relative to each tensor's RMS [default: 0.003]."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window."),
-    batch: int = typer.Option(4, "--batch", help="Windows per step."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    device: str = DEVICE,
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
-    quiet: bool = QUIET,
+    compressed: Annotated[Path, typer.Argument(
+        help="A checkpoint written by tuckerctl compress (qk_input structure).")],
+    against: Annotated[Path, typer.Option(
+        "--against",
+        help="The original it was compressed from (model directory or .gguf), run with transformers as the "
+             "teacher.")],
+    text: Annotated[Path, typer.Option(
+        "--text", help="UTF-8 healing text (keep it disjoint from evaluation text).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output directory (a normal compressed checkpoint, written atomically).")],
+    tokens: Annotated[int, typer.Option(
+        "--tokens", help="Tokens of the text to use (from its start).")] = 8192,
+    steps: Annotated[int, typer.Option(
+        "--steps",
+        help="Layer-wise optimiser steps per layer (0: skip the layer-wise pass; needs --kl-steps).")] = 100,
+    lr: Annotated[float, typer.Option(
+        "--lr", help="Peak step size relative to each tensor's RMS.")] = 0.01,
+    kl_steps: Annotated[int, typer.Option(
+        "--kl-steps",
+        help="Steps of an end-to-end pass after the layer-wise one: all layers' factors jointly on the "
+             "next-token KL divergence to the original (0: off).")] = 0,
+    kl_lr: Annotated[float | None, typer.Option(
+        "--kl-lr",
+        help="Peak step size of the end-to-end pass, relative to each tensor's RMS [default: 0.003].")] = None,
+    seq_len: Annotated[int, typer.Option(
+        "--seq-len", help="Tokens per window.")] = 256,
+    batch: Annotated[int, typer.Option(
+        "--batch", help="Windows per step.")] = 4,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the window order.")] = 0,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing output directory.")] = False,
+    device: Device = "auto",
+    json_out: Json = False,
+    output: Output = None,
+    quiet: Quiet = False,
 ):
     """Distil the Tucker factors layer by layer so each compressed layer reproduces the original
     layer's attention output on real hidden states; same structure and ranks.
@@ -565,12 +611,15 @@ def heal(
 
 @app.command()
 def export(
-    compressed: Path = typer.Argument(..., help="A checkpoint written by tuckerctl compress."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output transformers directory (written atomically)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    json_out: bool = JSON,
-    output: Optional[Path] = OUTPUT,
-    quiet: bool = QUIET,
+    compressed: Annotated[Path, typer.Argument(
+        help="A checkpoint written by tuckerctl compress.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output transformers directory (written atomically).")],
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: Json = False,
+    output: Output = None,
+    quiet: Quiet = False,
 ):
     """Materialise the compressed attention back into the family's own projections: a directory that
     loads with plain transformers (AutoModelForCausalLM / AutoModel). Same architecture, so no parameter or
@@ -592,25 +641,33 @@ def export(
 @bundled("source", ModelSource)
 @bundled("measure", AnalysisOptions)
 def report(
-    sources: list[str] = typer.Argument(..., help="Analysis JSONs (from analyze --json) or checkpoints (analysed "
-                                        "first, with the options below); any number, globs allowed.",
-                                        show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Report directory."),
-    compare: Optional[list[str]] = typer.Option(None, "--compare", help="More analyses or checkpoints to draw "
-                                                "over the first (repeatable; the same as listing them)."),
-    label: Optional[list[str]] = typer.Option(None, "--label", help="A label per analysis, in order (repeat "
-                                              "it), e.g. --label step-1000; default: the folder names."),
-    formats: str = typer.Option("png", "--format", help="Outputs: png, svg, pdf figures and csv "
-                                "(ranks.csv), combinable: png,csv."),
-    style: str = typer.Option("screen", "--style", help="Figure size preset: screen, paper (7 in, double "
-                              "column), paper-single (3.5 in panels, with --panels), slides (16:9)."),
-    panels: bool = typer.Option(False, "--panels", help="Also write one file per panel (<figure>-p<k>.<fmt>)."),
+    sources: Annotated[list[str], typer.Argument(
+        show_default=False,
+        help="Analysis JSONs (from analyze --json) or checkpoints (analysed first, with the options below); any "
+             "number, globs allowed.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Report directory.")],
+    compare: Annotated[list[str] | None, typer.Option(
+        "--compare",
+        help="More analyses or checkpoints to draw over the first (repeatable; the same as listing them).")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label",
+        help="A label per analysis, in order (repeat it), e.g. --label step-1000; default: the folder "
+             "names.")] = None,
+    formats: Annotated[str, typer.Option(
+        "--format", help="Outputs: png, svg, pdf figures and csv (ranks.csv), combinable: png,csv.")] = "png",
+    style: Annotated[str, typer.Option(
+        "--style",
+        help="Figure size preset: screen, paper (7 in, double column), paper-single (3.5 in panels, "
+             "with --panels), slides (16:9).")] = "screen",
+    panels: Annotated[bool, typer.Option(
+        "--panels", help="Also write one file per panel (<figure>-p<k>.<fmt>).")] = False,
     source: ModelSource = None,
     measure: AnalysisOptions = None,
-    revision: Optional[str] = REVISION,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    quiet: bool = QUIET,
+    revision: Revision = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ):
     """Rank plots and the Tucker-vs-GQA-vs-MLA trade-off, as figures + index.html + summary.md.
 
@@ -652,8 +709,8 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+def _root(version: Annotated[bool, typer.Option(
+              "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False):
     """tuckerctl: what ranks does this model's attention really have, and how far can it be compressed?"""
 
 
