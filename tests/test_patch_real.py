@@ -1,5 +1,7 @@
 """tuckerctl.patch on real weights: SmolLM2-135M (GGUF, RoPE, GQA) and MiniLM (BERT)."""
 
+import copy
+
 import pytest
 import torch
 from realmodels import MINILM, SMOL, needs_minilm, needs_smol
@@ -20,7 +22,7 @@ def test_smollm2_patched_at_the_ceilings_equals_the_original_and_generates_the_s
     gguf = src.name
     tok = tf.AutoTokenizer.from_pretrained(SMOL, gguf_file=gguf)
     original = tf.AutoModelForCausalLM.from_pretrained(SMOL, gguf_file=gguf, dtype=torch.float32).eval()
-    model = tf.AutoModelForCausalLM.from_pretrained(SMOL, gguf_file=gguf, dtype=torch.float32).eval()
+    model = copy.deepcopy(original)  # the same weights without dequantising the GGUF file a second time
     tuckerctl.patch(model, out)
     ids = tok(PROSE, return_tensors="pt")
     with torch.no_grad():
@@ -44,7 +46,7 @@ def test_minilm_patched_at_the_ceilings_equals_the_original(minilm_full_rank):
     _, out, _ = minilm_full_rank  # 12,385,385: clamped to the ceilings, no HOOI
     tok = tf.AutoTokenizer.from_pretrained(MINILM / "model")
     original = tf.AutoModel.from_pretrained(MINILM / "model").eval()
-    model = tf.AutoModel.from_pretrained(MINILM / "model").eval()
+    model = copy.deepcopy(original)
     tuckerctl.patch(model, out)
     batch = tok([PROSE, "A short one."], return_tensors="pt", padding=True)
     with torch.no_grad():
