@@ -142,6 +142,15 @@ def mha_head_dim(src: str, cfg: dict, d: int, heads: int, d_field: str, h_field:
     return head_dim
 
 
+def hidden_size(cfg: dict, fallback: int, notes: list, what: str) -> int:
+    """d from the config (any alias), else ``fallback`` (a tensor's width), said in the notes."""
+    d = cfg_get(cfg, *D_KEYS)
+    if d is None:
+        d = fallback
+        notes.append(f"hidden size d = {d} read from {what}'s shape (no config)")
+    return d
+
+
 def require_heads(cfg: dict, src: str) -> int:
     """The query head count H from the config (any alias); without one, the one error every
     family gives (the CLI's --heads supplies it)."""

@@ -20,10 +20,10 @@ from .base import (
     LayerWeights,
     ModelSpec,
     attention_kind,
-    cfg_get,
     check_shape,
     default_scale,
     first_key,
+    hidden_size,
     layer_stack,
     mha_head_dim,
     require_heads,
@@ -56,10 +56,7 @@ class SeparateMHA(Adapter):
         prefix, layers = layer_stack(ckpt, cfg, family, self.stack, self.proj["q"] + ".weight")
         base = f"{prefix}{self.stack}0."
         notes: list[str] = []
-        d = cfg_get(cfg, *D_KEYS)
-        if d is None:
-            d = ckpt.shape(base + self.proj["q"] + ".weight")[1]
-            notes.append(f"hidden size d = {d} read from {self.proj['q']}'s shape (no config)")
+        d = hidden_size(cfg, ckpt.shape(base + self.proj["q"] + ".weight")[1], notes, self.proj["q"])
         H = require_heads(cfg, src)
         dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
         what = f"d={d}, heads={H}, head_dim={dh}"

@@ -34,6 +34,7 @@ from .base import (
     check_shape,
     default_scale,
     first_key,
+    hidden_size,
     layer_stack,
     mha_head_dim,
     require_heads,
@@ -167,14 +168,6 @@ class FusedQKV(Adapter):
                               tensors=names, params=params)
 
 
-def _d_from(cfg: dict, fallback: int, notes: list, what: str) -> int:
-    d = cfg_get(cfg, *D_KEYS)
-    if d is None:
-        d = fallback
-        notes.append(f"hidden size d = {d} read from {what}'s shape (no config)")
-    return d
-
-
 # ---------------------------------------------------------------- families
 
 class Phi3(FusedQKV):
@@ -185,7 +178,7 @@ class Phi3(FusedQKV):
     stack, qkv, out, layout = "layers.", "self_attn.qkv_proj", "self_attn.o_proj", "contiguous"
 
     def _dims(self, ckpt, cfg, src, qkv_shape, notes):
-        d = _d_from(cfg, qkv_shape[1], notes, "qkv_proj")
+        d = hidden_size(cfg, qkv_shape[1], notes, "qkv_proj")
         H = require_heads(cfg, src)
         dh = cfg_get(cfg, "head_dim")
         if dh is None:
@@ -215,7 +208,7 @@ class GPT2(FusedQKV):
     stack, qkv, out, layout, conv1d = "h.", "attn.c_attn", "attn.c_proj", "contiguous", True
 
     def _dims(self, ckpt, cfg, src, qkv_shape, notes):
-        d = _d_from(cfg, qkv_shape[0], notes, "c_attn")
+        d = hidden_size(cfg, qkv_shape[0], notes, "c_attn")
         H = require_heads(cfg, src)
         dh = mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
         return d, H, H, dh
@@ -233,7 +226,7 @@ class GPT2(FusedQKV):
 
 def _fused_dims(cfg: dict, src: str, qkv_shape, notes: list) -> tuple[int, int, int]:
     """(d, H, d_h) of a ``query_key_value`` [(H + 2G) d_h, d] family (NeoX, Falcon, Bloom)."""
-    d = _d_from(cfg, qkv_shape[1], notes, "query_key_value")
+    d = hidden_size(cfg, qkv_shape[1], notes, "query_key_value")
     H = require_heads(cfg, src)
     return d, H, mha_head_dim(src, cfg, d, H, first_key(cfg, D_KEYS), first_key(cfg, HEAD_KEYS))
 
