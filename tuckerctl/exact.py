@@ -134,7 +134,9 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
     H, q, k = Z.shape
     r = red.rc.shape[2]
     heads_gram = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)
-    total = 0.0
+    # Grams of equal size are solved in one batched call and the tails summed on the device:
+    # one solve and one host sync per group would leave a GPU mostly idle (hundreds per tensor).
+    grams: dict[int, list[Tensor]] = {}
     for heads in groups:
         heads = list(heads)
         sources = sorted(set(red.group[heads].tolist()))
@@ -153,9 +155,12 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
         else:
             block = Z[heads].permute(1, 0, 2).reshape(q, -1)
             gram = block.T @ block if block.shape[1] <= q else block @ block.T
-        ev = torch.linalg.eigvalsh(gram)  # ascending: the tail is the smallest n - width
-        total += float(ev[:max(0, ev.shape[0] - width)].clamp_min(0).sum())
-    return total
+        grams.setdefault(gram.shape[0], []).append(gram)
+    total = torch.zeros((), dtype=Z.dtype, device=Z.device)
+    for n, same in grams.items():
+        ev = torch.linalg.eigvalsh(torch.stack(same))  # ascending: the tail is the smallest n - width
+        total += ev[:, :max(0, n - width)].clamp_min(0).sum()
+    return float(total)
 
 
 def contiguous_groups(heads: int, groups: int) -> list[list[int]]:
