@@ -55,7 +55,7 @@ from .calibrate import read_text, token_ids
 from .device import resolve_device
 from .errors import InputError
 from .families import families_of
-from .tucker_format import PER_HEAD, PER_HEAD_PARTS, QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
+from .tucker_format import PER_HEAD, QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
@@ -67,11 +67,15 @@ _QK_LEAVES, _OUT_LEAF = ("q_proj", "k_proj", "v_proj"), "o_proj"
 # ------------------------------------------------------------------ trainable factorised projections
 
 class LatentProjection(nn.Module):
-    """``[x, 1] U`` zero-padded to ``cols`` (U: (d or d + 1, r), trainable)."""
+    """``[x, 1] U`` zero-padded to ``cols`` (U: (d or d + 1, r), trainable unless the side
+    is kept whole: then U is the identity the checkpoint does not store, a fixed buffer)."""
 
-    def __init__(self, U: Tensor, d: int, cols: int):
+    def __init__(self, U: Tensor, d: int, cols: int, trainable: bool = True):
         super().__init__()
-        self.U = nn.Parameter(U.clone())
+        if trainable:
+            self.U = nn.Parameter(U.clone())
+        else:
+            self.register_buffer("U", U.clone())
         self.d, self.cols = d, cols
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,6 +115,31 @@ class TuckerOutput(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class PerHeadOutput(nn.Module):
+    """The output projection of the per-head value-output structure: each head's
+    attention-mixed latent value ``v_h`` (``(..., H, s3p)``) -> ``sum_h (v_h V_g(h)) O_h^T Ut2^T
+    (+ bias)``; no head mixing, so training keeps the stored structure and its size."""
+
+    def __init__(self, output: Tensor, output_heads: Tensor, value_groups: Tensor, padded: int,
+                 bias: Tensor | None, output_trainable: bool = True):
+        super().__init__()
+        if output_trainable:
+            self.output = nn.Parameter(output.clone())
+        else:
+            self.register_buffer("output", output.clone())
+        self.output_heads, self.value_groups = nn.Parameter(output_heads.clone()), nn.Parameter(value_groups.clone())
+        self.padded = padded
+        self.register_buffer("bias", None if bias is None else bias.clone())
+
+    def forward(self, z: Tensor) -> Tensor:
+        H, G, s3 = self.output_heads.shape[0], self.value_groups.shape[0], self.value_groups.shape[1]
+        v = z.reshape(*z.shape[:-1], H, self.padded)[..., :s3]
+        Vg = self.value_groups[torch.arange(H, device=v.device) // (H // G)]
+        w = torch.einsum("...hb,hbe,hae->...ha", v, Vg, self.output_heads)
+        y = torch.einsum("...ha,da->...d", w, self.output)
+        return y if self.bias is None else y + self.bias
+
+
 class Factored(nn.Module):
     """``up(down(x))`` (``up`` may be None)."""
 
@@ -123,10 +152,22 @@ class Factored(nn.Module):
         return z if self.up is None else self.up(z)
 
 
-def student_attention(teacher: nn.Module, layer: TuckerLayer, d: int, dh: int) -> nn.Module:
+def whole_sides(tk, layer: TuckerLayer) -> set[str]:
+    """The sides of ``layer`` stored whole (``pre.query``, ``pre.key``, ``post.output``,
+    ``post.value``): per-head structures whose subspace the checkpoint does not write."""
+    candidates = [("pre", "query"), ("pre", "key")] if layer.structure == QK_INPUT else []
+    if layer.post_structure == PER_HEAD:
+        candidates += [("post", "output"), ("post", "value")]
+    return {f"{t}.{p}" for t, p in candidates if factor_name(layer.index, t, p) not in tk.ckpt}
+
+
+def student_attention(teacher: nn.Module, layer: TuckerLayer, d: int, dh: int,
+                      whole: set[str] = frozenset()) -> nn.Module:
     """A copy of the model's attention module ``teacher`` whose projections are the
-    trainable factorised ones of ``layer`` (qk_input structure), run through the
-    ``tuckerctl`` attention function of :mod:`tuckerctl.patching`."""
+    trainable factorised ones of ``layer`` (qk_input structure; the value-output tensor as
+    stored: Tucker or per-head), run through the ``tuckerctl`` attention function of
+    :mod:`tuckerctl.patching`. Sides in ``whole`` (see :func:`whole_sides`) stay fixed
+    identities, so the trained checkpoint keeps the structure and size it came with."""
     from .patching import ATTENTION_NAME, _pad_to, _register
 
     _register()
@@ -138,10 +179,14 @@ def student_attention(teacher: nn.Module, layer: TuckerLayer, d: int, dh: int) -
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(False)
-    student.q_proj = Factored(LatentProjection(U2, d, U2.shape[1]), HeadCoordinates(Q))
-    student.k_proj = Factored(LatentProjection(U3, d, U3.shape[1]), HeadCoordinates(K))
-    student.v_proj = LatentProjection(V3, d, s3p)
-    student.o_proj = TuckerOutput(V1, f(layer.post_core), V2, s3p, f(layer.out_bias))
+    student.q_proj = Factored(LatentProjection(U2, d, U2.shape[1], "pre.query" not in whole), HeadCoordinates(Q))
+    student.k_proj = Factored(LatentProjection(U3, d, U3.shape[1], "pre.key" not in whole), HeadCoordinates(K))
+    student.v_proj = LatentProjection(V3, d, s3p, "post.value" not in whole)
+    if layer.post_structure == PER_HEAD:
+        student.o_proj = PerHeadOutput(V2, f(layer.output_heads), f(layer.value_groups), s3p, f(layer.out_bias),
+                                       "post.output" not in whole)
+    else:
+        student.o_proj = TuckerOutput(V1, f(layer.post_core), V2, s3p, f(layer.out_bias))
     student.config = copy.copy(student.config)
     student.config._attn_implementation = ATTENTION_NAME
     student._tuckerctl = {"structure": QK_INPUT, "widths": (H * dh, G * dh, s3p), "heads": H, "value_width": s3,
@@ -150,11 +195,17 @@ def student_attention(teacher: nn.Module, layer: TuckerLayer, d: int, dh: int) -
 
 
 def factor_tensors(student: nn.Module) -> dict[str, Tensor]:
-    """{format part name: tensor} of a student module (see tuckerctl.tucker_format)."""
-    return {"pre.query": student.q_proj.down.U, "pre.query_heads": student.q_proj.up.C,
-            "pre.key": student.k_proj.down.U, "pre.key_groups": student.k_proj.up.C,
-            "post.value": student.v_proj.U, "post.head": student.o_proj.head, "post.core": student.o_proj.core,
-            "post.output": student.o_proj.output}
+    """{format part name: tensor} of a student module's trainable factors (see
+    tuckerctl.tucker_format); sides kept whole are not among them (nor written)."""
+    o = student.o_proj
+    parts = {"pre.query": student.q_proj.down.U, "pre.query_heads": student.q_proj.up.C,
+             "pre.key": student.k_proj.down.U, "pre.key_groups": student.k_proj.up.C,
+             "post.value": student.v_proj.U, "post.output": o.output}
+    if isinstance(o, PerHeadOutput):
+        parts.update({"post.output_heads": o.output_heads, "post.value_groups": o.value_groups})
+    else:
+        parts.update({"post.head": o.head, "post.core": o.core})
+    return {k: t for k, t in parts.items() if isinstance(t, nn.Parameter)}
 
 
 def _orthonormal(U: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,10 +221,19 @@ def retract(student: nn.Module) -> None:
     """Re-orthonormalise every factor matrix and push its R into the coordinates/core;
     the attention the module computes is unchanged (up to rounding)."""
     for proj in (student.q_proj, student.k_proj):
+        if not isinstance(proj.down.U, nn.Parameter):  # a side kept whole: the identity
+            continue
         Qm, R = _orthonormal(proj.down.U)
         proj.down.U.copy_(Qm)
         proj.up.C.copy_(torch.einsum("ab,hbe->hae", R, proj.up.C))
     o = student.o_proj
+    if isinstance(o, PerHeadOutput):
+        for U, C in ((student.v_proj.U, o.value_groups), (o.output, o.output_heads)):
+            if isinstance(U, nn.Parameter):
+                Qm, R = _orthonormal(U)
+                U.copy_(Qm)
+                C.copy_(torch.einsum("ab,hbe->hae", R, C))
+        return
     Qm, R = _orthonormal(student.v_proj.U)
     student.v_proj.U.copy_(Qm)
     o.core.copy_(torch.einsum("jab,cb->jac", o.core, R))
@@ -478,7 +538,7 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
             progress(done, total)
 
     # the trainable attention of every layer (float32, on dev): trained layer-wise, then end to end
-    students = {t.index: student_attention(modules[t.index], t, d, dh) for t in layers}
+    students = {t.index: student_attention(modules[t.index], t, d, dh, whole_sides(tk, t)) for t in layers}
     records = []
     for s in range(0, len(layers) if steps else 0, group):
         chunk = layers[s:s + group]
@@ -526,12 +586,6 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     if "healing" in info:  # healing a healed checkpoint (e.g. --steps 0 --kl-steps N after a layer-wise run)
         healing["previous"] = info["healing"]
     info["healing"] = healing
-    # The trained value-output tensor is written in the 3-mode form heal trains: the
-    # per-head parts it came from (compress's per_head structure) are dropped.
-    stale = {factor_name(t.index, "post", p) for t in layers if t.post_structure == PER_HEAD for p in PER_HEAD_PARTS}
-    for rec in info["layers"]:
-        rec["post"].pop("structure", None)
-        rec["post"].pop("whole_sides", None)
-    write_checkpoint(out, tk.ckpt, set(factors) | stale, factors, info, overwrite=overwrite,
-                     config=tk.source_config)
+    # Same structures, same stored parts (sides kept whole stay unwritten), same size.
+    write_checkpoint(out, tk.ckpt, set(factors), factors, info, overwrite=overwrite, config=tk.source_config)
     return healing
