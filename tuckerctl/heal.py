@@ -307,17 +307,18 @@ def lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: int, lr: float,
-               seed: int = 0, tick: Callable[[], None] | None = None) -> dict:
-    """Train ``student``'s Tucker factors in place on ``train`` batches; keep the iterate
-    with the lowest held-out loss on ``val``. Returns the layer's loss record."""
-    retract(student)  # fix the gauge first: step sizes below are relative to the orthonormal-factor scales
-    params = list(factor_tensors(student).values())
+def _train(params: list[Tensor], loss_of: Callable[[object], Tensor], val_loss: Callable[[], float],
+           train: list, steps: int, lr: float, every: int, seed: int, after_step: Callable[[], None],
+           tick: Callable[[], None] | None) -> dict:
+    """The loop both passes share: Adam with a per-tensor step ``lr × RMS(tensor)`` (factor
+    matrices and cores differ in scale by orders of magnitude), :func:`lr_factor`'s schedule,
+    ``after_step`` (the retraction) after every step, the held-out loss every ``every`` steps,
+    and the best held-out iterate restored at the end. Returns the curve and summary figures."""
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))} for p in params]
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
     peaks = [g["lr"] for g in groups]
     gen = torch.Generator().manual_seed(seed)
-    best = _val_loss(student, val)
+    best = val_loss()
     curve = [[0, best]]
     best_step, best_state = 0, [p.detach().clone() for p in params]
     train_losses = []
@@ -326,13 +327,13 @@ def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: in
             g["lr"] = peak * lr_factor(step, steps)
         batch = train[int(torch.randint(len(train), (1,), generator=gen))]
         opt.zero_grad(set_to_none=True)
-        loss = _loss(student, batch)
+        loss = loss_of(batch)
         loss.backward()
         opt.step()
-        retract(student)
+        after_step()
         train_losses.append(float(loss.detach()))
-        if (step + 1) % VALIDATE_EVERY == 0 or step + 1 == steps:
-            v = _val_loss(student, val)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            v = val_loss()
             curve.append([step + 1, v])
             if v < best:
                 best, best_step = v, step + 1
@@ -344,10 +345,21 @@ def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: in
             p.copy_(b)
     finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
     curve = [[k, finite(v)] for k, v in curve]
-    return {"val_loss_initial": curve[0][1], "val_loss_final": finite(best), "best_step": best_step,
-            "train_loss_first": finite(train_losses[0]) if train_losses else None,
-            "train_loss_last": finite(train_losses[-1]) if train_losses else None,
-            "val_curve": curve if len(curve) <= 12 else [curve[round(k * (len(curve) - 1) / 11)] for k in range(12)]}
+    return {"initial": curve[0][1], "final": finite(best), "best_step": best_step,
+            "first": finite(train_losses[0]) if train_losses else None,
+            "last": finite(train_losses[-1]) if train_losses else None,
+            "curve": curve if len(curve) <= 12 else [curve[round(k * (len(curve) - 1) / 11)] for k in range(12)]}
+
+
+def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: int, lr: float,
+               seed: int = 0, tick: Callable[[], None] | None = None) -> dict:
+    """Train ``student``'s Tucker factors in place on ``train`` batches; keep the iterate
+    with the lowest held-out loss on ``val``. Returns the layer's loss record."""
+    retract(student)  # fix the gauge first: step sizes below are relative to the orthonormal-factor scales
+    r = _train(list(factor_tensors(student).values()), lambda batch: _loss(student, batch),
+               lambda: _val_loss(student, val), train, steps, lr, VALIDATE_EVERY, seed, lambda: retract(student), tick)
+    return {"val_loss_initial": r["initial"], "val_loss_final": r["final"], "best_step": r["best_step"],
+            "train_loss_first": r["first"], "train_loss_last": r["last"], "val_curve": r["curve"]}
 
 
 # ------------------------------------------------------------------ end-to-end pass on the KL divergence
@@ -399,45 +411,20 @@ def heal_end_to_end(teacher: nn.Module, attention: dict[int, nn.Module], train: 
     for module in attention.values():
         retract(module)
     params = [p for module in attention.values() for p in factor_tensors(module).values()]
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))} for p in params]
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
-    peaks = [g["lr"] for g in groups]
-    gen = torch.Generator().manual_seed(seed)
-    best = _val_kl(teacher, student, val)
-    curve = [[0, best]]
-    best_step, best_state = 0, [p.detach().clone() for p in params]
-    train_losses = []
-    every = max(1, min(VALIDATE_EVERY, steps // 5))
-    for step in range(steps):
-        for g, peak in zip(opt.param_groups, peaks):
-            g["lr"] = peak * lr_factor(step, steps)
-        ids = train[int(torch.randint(len(train), (1,), generator=gen))]
-        opt.zero_grad(set_to_none=True)
+
+    def loss_of(ids: Tensor) -> Tensor:
         kl, n = _kl_sum(teacher, student, ids)
-        loss = kl / n
-        loss.backward()
-        opt.step()
+        return kl / n
+
+    def after_step() -> None:
         for module in attention.values():
             retract(module)
-        train_losses.append(float(loss.detach()))
-        if (step + 1) % every == 0 or step + 1 == steps:
-            v = _val_kl(teacher, student, val)
-            curve.append([step + 1, v])
-            if v < best:
-                best, best_step = v, step + 1
-                best_state = [p.detach().clone() for p in params]
-        if tick:
-            tick()
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
-    curve = [[k, finite(v)] for k, v in curve]
-    return {"steps": steps, "lr": lr, "val_kl_initial": curve[0][1], "val_kl_final": finite(best),
-            "best_step": best_step,
-            "train_kl_first": finite(train_losses[0]) if train_losses else None,
-            "train_kl_last": finite(train_losses[-1]) if train_losses else None,
-            "val_curve": curve if len(curve) <= 12 else [curve[round(k * (len(curve) - 1) / 11)] for k in range(12)]}
+
+    r = _train(params, loss_of, lambda: _val_kl(teacher, student, val), train, steps, lr,
+               max(1, min(VALIDATE_EVERY, steps // 5)), seed, after_step, tick)
+    return {"steps": steps, "lr": lr, "val_kl_initial": r["initial"], "val_kl_final": r["final"],
+            "best_step": r["best_step"], "train_kl_first": r["first"], "train_kl_last": r["last"],
+            "val_curve": r["curve"]}
 
 
 # ------------------------------------------------------------------ the command
