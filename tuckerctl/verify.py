@@ -28,7 +28,7 @@ from .loader import iter_layers, open_checkpoint
 from .multilinear import HeadStack
 from .nn import TuckerAttention
 from .options import non_negative
-from .tucker_format import TuckerCheckpoint, content_hash, load
+from .tucker_format import content_hash, load
 
 SCHEMA = "tuckerctl.verify/1"
 _BATCH_ELEMENTS = 1 << 24  # 128 MB of float64 per batch of dense head slices
@@ -110,11 +110,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
-def _check_same_model(tk: TuckerCheckpoint, spec, against) -> None:
-    stored = tk.spec
+def _check_same_model(stored: dict, path, spec, against) -> None:
+    """InputError unless the model record ``stored`` (of the checkpoint ``path``) describes ``spec``."""
     for key in ("family", "layers", "d", "heads", "kv_heads", "head_dim"):
         if stored.get(key) != getattr(spec, key):
-            raise InputError(f"{tk.path} was compressed from a different model than {against}: "
+            raise InputError(f"{path} was compressed from a different model than {against}: "
                              f"{key} {stored.get(key)} vs {getattr(spec, key)}")
 
 
@@ -136,7 +136,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
     ckpt = open_checkpoint(against, config)
     overrides = {} if ckpt.config else {k: tk.spec.get(k) for k in ("heads", "kv_heads", "head_dim")}
     adapter, spec = detect(ckpt, family=tk.spec.get("family"), **overrides)
-    _check_same_model(tk, spec, against)
+    _check_same_model(tk.spec, tk.path, spec, against)
     source = tk.info["source"]
     names = sorted({n for rec in tk.info["layers"] for n in rec["source_tensors"]})
     missing = [n for n in names if n not in ckpt]
@@ -254,10 +254,7 @@ def _verify_lowrank(compressed, against, *, max_error, tokens, seed, dev, config
     ckpt = open_checkpoint(against, config)
     overrides = {} if ckpt.config else {k: model.get(k) for k in ("heads", "kv_heads", "head_dim")}
     adapter, spec = detect(ckpt, family=model.get("family"), **overrides)
-    for key in ("family", "layers", "d", "heads", "kv_heads", "head_dim"):
-        if model.get(key) != getattr(spec, key):
-            raise InputError(f"{path} was compressed from a different model than {against}: "
-                             f"{key} {model.get(key)} vs {getattr(spec, key)}")
+    _check_same_model(model, path, spec, against)
     records = {rec["index"]: rec for rec in info["layers"]}
     names = sorted({n for rec in records.values() for n in rec["source_tensors"]})
     missing = [n for n in names if n not in ckpt]
@@ -294,7 +291,7 @@ def _verify_lowrank(compressed, against, *, max_error, tokens, seed, dev, config
         bias = None if layer.out_bias is None else layer.out_bias.to(device=dev, dtype=torch.float64)
         if f"{PREFIX}.{i}.o.bias" in ck:
             stored_bias = stored(f"{PREFIX}.{i}.o.bias")
-            if bias is None or _rel(stored_bias, bias) > 1e-2:
+            if bias is None or not _rel(stored_bias, bias) <= 1e-2:  # NaN fails too
                 raise InputError(f"{path}: layer {i} output bias does not match {against}")
         scale = spec.layer_scale(i)
         logits, y = original_attention(pre, post, x, scale, causal, bias)
