@@ -2,12 +2,15 @@
 
 Reads one layer at a time (the next one is read in a background thread while the
 current one is computed), so peak memory is one or two layers' attention weights
-plus O(d^2) work space, whatever the model size.
+plus O(d^2) work space, whatever the model size. On a GPU the tensors of up to three
+layers are computed at once, one CUDA stream each (:mod:`tuckerctl.streams`): a few
+more layers and d x d work spaces, still flat in the layer count.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -27,9 +30,13 @@ from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
 from .schema import MODE_NAMES, SCHEMA
+from .streams import StreamPool
 from .usage import parse_layer_spec
 
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
+# Tensors computed at once on a GPU (threads, one CUDA stream each): 4-6 concurrent float64
+# eigensolves at n = 8192 took 0.38 s each on an H200 against 0.50 s alone.
+SOLVER_STREAMS = 4
 
 
 def parse_layers(layers: str | Sequence[int] | None, count: int) -> list[int]:
@@ -145,19 +152,38 @@ def _ranks_at(tensor: dict, tau: float) -> list[int]:
 
 def analyze_layer(layer: LayerWeights, energies, tol: float | None, device, groups: list[int] | None = None,
                   rope: tuple[Rotation, int] | None = None, eps: float = 0.0, gauge: bool = False) -> dict:
-    out = {"index": layer.index}
+    """The layer's record: both tensors (:func:`analyze_tensor`) and the parameter counts."""
+    with StreamPool(torch.device(device), 1) as pool:
+        jobs = _layer_jobs(pool, layer, energies, tol, device, groups, rope, eps, gauge)
+    return _layer_record(layer.index, layer.params, {key: job.result() for key, job in jobs.items()})
+
+
+def _layer_jobs(pool: StreamPool, layer: LayerWeights, energies, tol, device, groups, rope, eps, gauge) -> dict:
+    """Both tensors of a layer submitted to ``pool``: {"pre": Future, "post": Future}."""
+    jobs = {}
     for key in ("pre", "post"):
         stack = getattr(layer, key)
         if gauge and key == "pre":
             stack = gauge_fixed(stack)
-        out[key] = analyze_tensor(stack, MODE_NAMES[key], energies, tol, device, groups, stack.left.shape[2],
-                                  rope if key == "pre" else None, eps)
+        jobs[key] = pool.submit(analyze_tensor, stack, MODE_NAMES[key], energies, tol, device, groups,
+                                stack.left.shape[2], rope if key == "pre" else None, eps)
+    return jobs
+
+
+def _layer_record(index: int, params: int, tensors: dict) -> dict:
+    out = {"index": index, **tensors}
     ranks = {key: _ranks_at(out[key], PARAMS_ENERGY) for key in ("pre", "post")}
     tucker = sum(tucker_params(out[k]["shape"], ranks[k]) for k in ranks)
-    out["params"] = {"original": layer.params, f"tucker_{PARAMS_ENERGY:g}": tucker,
+    out["params"] = {"original": params, f"tucker_{PARAMS_ENERGY:g}": tucker,
                      f"ranks_{PARAMS_ENERGY:g}": ranks,
                      "kv_cache_tucker": ranks["pre"][2] + ranks["post"][2]}
     return out
+
+
+def solver_threads(device: torch.device) -> int:
+    """How many tensors analyze computes at once: on CUDA ``SOLVER_STREAMS`` (one stream
+    each), on the CPU one (its BLAS already uses every core)."""
+    return SOLVER_STREAMS if device.type == "cuda" else 1
 
 
 def verdicts(spec: ModelSpec, layers: list[dict], noise: str = "the tolerance") -> list[str]:
@@ -233,13 +259,28 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     # rank 0's, i.e. that of the first layer, as in one process.
     group, rank_dev = join(dev)
     mine = group.shard(indices)
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, mine, rank_dev)):
-        if noise_model is None:
-            eps, dtype = storage_eps(stored_dtype(ckpt, layer))
-            noise_model = {"dtype": dtype, "relative_rms": eps}
-        results.append(analyze_layer(layer, energy, tol, rank_dev, groups, rope, noise_model["relative_rms"], gauge))
+    # On a GPU the tensors of up to `window` layers are in flight at once on a pool of
+    # streams while the loader reads the next layer; on the CPU one after the other, inline.
+    inflight: deque = deque()
+
+    def finish_oldest() -> None:
+        index, params, jobs = inflight.popleft()
+        results.append(_layer_record(index, params, {key: job.result() for key, job in jobs.items()}))
         if progress and group.writer:
-            progress(k + 1, len(mine))
+            progress(len(results), len(mine))
+
+    with StreamPool(rank_dev, solver_threads(rank_dev)) as pool:
+        window = 1 if pool.size == 1 else 3
+        for layer in iter_layers(adapter, ckpt, spec, mine, rank_dev):
+            if noise_model is None:
+                eps, dtype = storage_eps(stored_dtype(ckpt, layer))
+                noise_model = {"dtype": dtype, "relative_rms": eps}
+            inflight.append((layer.index, layer.params, _layer_jobs(pool, layer, energy, tol, rank_dev, groups, rope,
+                                                                     noise_model["relative_rms"], gauge)))
+            while len(inflight) >= window:
+                finish_oldest()
+        while inflight:
+            finish_oldest()
     results = sorted((r for part in group.all_gather(results) for r in part), key=lambda r: r["index"])
     noise_model = next((m for m in group.all_gather(noise_model) if m is not None), None)
     tables: dict = {}

@@ -73,7 +73,10 @@ class Rotation:
 def _averager(head_dim: int, inv_freq: tuple, offsets: int, device: str, dtype) -> Averager:
     a, b, p = Rotation(head_dim, torch.tensor(inv_freq, dtype=torch.float64))._parts(offsets, device, dtype)
     T = float(offsets)
-    return Averager(a.T @ a / T, a.T @ b / T, b.T @ b / T, p)
+    avg = Averager(a.T @ a / T, a.T @ b / T, b.T @ b / T, p)
+    if a.is_cuda:  # cached for every thread: done before another thread's stream reads it
+        torch.cuda.current_stream(a.device).synchronize()
+    return avg
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""Running independent GPU computations at once: a few threads, one CUDA stream each.
+
+One dense eigensolver (cuSOLVER ``syevd``) leaves most of an H200 idle, and it releases the
+GIL while it runs, so several of them, each on its own stream, overlap (README, Performance).
+:class:`StreamPool` runs calls on ``size`` threads; on CUDA every thread owns one stream,
+each call first waits for the work already queued on the submitting thread's stream (e.g.
+the upload of the tensors it reads) and synchronises its stream before its result is handed
+back, so the caller may free or reuse anything the call read. The calls compute exactly
+what they would compute alone (same kernels, same precision); only the order in which the
+GPU runs them changes. With ``size`` 1 calls run inline, when submitted: the CPU path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+class StreamPool:
+    """``submit(fn, *args)`` -> Future; ``size`` threads (CUDA: one stream each), or inline
+    when ``size`` is 1. Use as a context manager (the threads are joined on exit)."""
+
+    def __init__(self, device: torch.device, size: int):
+        self.device = device
+        self.size = max(1, int(size))
+        self._cuda = device.type == "cuda"
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="tuckerctl-solver") if self.size > 1 else None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self._pool is None:
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised by result(), as a pool would
+                done.set_exception(e)
+            return done
+        ready = None
+        if self._cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return self._pool.submit(self._run, ready, fn, args)
+
+    def _run(self, ready, fn: Callable, args: tuple):
+        if not self._cuda:
+            return fn(*args)
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            try:
+                return fn(*args)
+            finally:
+                stream.synchronize()  # nothing the call read or wrote is still in use on return
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> StreamPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
