@@ -386,6 +386,18 @@ def test_heal_function_refuses_bad_end_to_end_values(tiny, tmp_path):
     src, comp, text, _ = tiny
     for kwargs, needle in (({"kl_steps": -1}, "--kl-steps"), ({"steps": 0}, "--steps"),
                            ({"kl_steps": 2, "kl_lr": float("nan")}, "--kl-lr"),
-                           ({"kl_steps": 2, "kl_lr": -1.0}, "--kl-lr")):
+                           ({"kl_steps": 2, "kl_lr": -1.0}, "--kl-lr"), ({"warmup": 1.0}, "warmup"),
+                           ({"warmup": -0.1}, "warmup")):
         one_line_error(lambda kw=kwargs: heal(comp, src, text, tmp_path / "x", **kw), needle)
     assert not (tmp_path / "x").exists()
+
+
+def test_schedule_warms_up_over_its_fraction_then_decays_to_a_tenth():
+    from tuckerctl.heal import lr_factor
+
+    for steps, warmup in ((60, 0.3), (40, 0.05), (8, 0.3), (100, 0.0)):
+        f = [lr_factor(k, steps, warmup) for k in range(steps)]
+        warm = max(1, round(steps * warmup))
+        assert f[:warm] == pytest.approx([(k + 1) / warm for k in range(warm)])  # linear, reaching 1
+        assert max(f) == pytest.approx(1.0) and all(a >= b for a, b in zip(f[warm - 1:], f[warm:]))
+        assert f[-1] > 0.1 and lr_factor(steps, steps, warmup) == pytest.approx(0.1)

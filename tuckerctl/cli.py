@@ -548,7 +548,7 @@ def heal(
         "--steps",
         help="Layer-wise optimiser steps per layer (0: skip the layer-wise pass; needs --kl-steps).")] = 100,
     lr: Annotated[float, typer.Option(
-        "--lr", help="Peak step size relative to each tensor's RMS.")] = 0.01,
+        "--lr", help="Peak step size relative to each tensor's RMS.")] = 0.003,
     kl_steps: Annotated[int, typer.Option(
         "--kl-steps",
         help="Steps of an end-to-end pass after the layer-wise one: all layers' factors jointly on the "

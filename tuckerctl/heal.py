@@ -14,8 +14,11 @@ real hidden states (layer-wise distillation with teacher inputs):
    independent (teacher inputs), so the error of one does not feed the next.
 
 Schedule (per layer): Adam with per-tensor step sizes ``lr * RMS(tensor)`` (factor
-matrices and cores differ in scale by orders of magnitude), 5% linear warm-up, cosine
-decay to 10%. After every step the factor matrices are re-orthonormalised by a QR
+matrices and cores differ in scale by orders of magnitude), linear warm-up over the first
+30% of the steps, cosine decay to 10%. Adam's first steps are sign-like (each entry
+moves by about its step size whatever the gradient's size), so on a checkpoint that is
+already close to its original a short warm-up throws it further away than the healing
+text can bring it back; a long warm-up and a smaller peak step fix that (README: sweep). After every step the factor matrices are re-orthonormalised by a QR
 retraction whose triangular factor is pushed into the per-head coordinates or the
 core (``U <- Q``, ``Q_h <- R Q_h``; ``core x_k R``): the represented attention is
 unchanged, the factors stay orthonormal as the format promises and all scale lives in
@@ -59,6 +62,8 @@ from .tucker_format import PER_HEAD, QK_INPUT, TuckerLayer, factor_name, load, w
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
+LR = 0.003  # default peak step of the layer-wise pass (README: the sweeps)
+WARMUP = 0.3  # default warm-up fraction of both passes: near-exact checkpoints need small first steps
 KL_LR = 0.003  # default peak step of the end-to-end pass (README: the sweep)
 HEALABLE = families_of("LlamaLike")
 _QK_LEAVES, _OUT_LEAF = ("q_proj", "k_proj", "v_proj"), "o_proj"
@@ -465,8 +470,8 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
     return chunk(train_idx), chunk(val_idx)
 
 
-def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = 0.01,
-         kl_steps: int = 0, kl_lr: float | None = None, warmup: float = 0.05, seq_len: int = 256, batch: int = 4,
+def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100, lr: float = LR,
+         kl_steps: int = 0, kl_lr: float | None = None, warmup: float = WARMUP, seq_len: int = 256, batch: int = 4,
          device: str = "auto", overwrite: bool = False, seed: int = 0,
          progress: Callable[[int, int], None] | None = None) -> dict:
     """Heal the compressed checkpoint ``compressed`` against its original ``against`` on the
@@ -484,6 +489,8 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     for name, value in (("--lr", lr), ("--kl-lr", kl_lr)):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{name}: {value} must be a positive number")
+    if not 0 <= warmup < 1:
+        raise InputError(f"warmup: {warmup} must be a fraction of the steps in [0, 1)")
     compressed, against, out = Path(compressed), Path(against), Path(out)
     body = read_text(text)
     digest = hashlib.sha256(Path(text).read_bytes()).hexdigest()
@@ -559,8 +566,8 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
                  "train_windows": sum(b.shape[0] for b in train_ids),
                  "validation_windows": sum(b.shape[0] for b in val_ids), "seq_len": seq_len},
         "against": str(against),
-        "steps": steps, "lr": lr, "batch": batch, "seed": seed, "device": str(dev),
-        "schedule": "layer-wise distillation, Adam (per-tensor lr x RMS), 5% warm-up + cosine to 10%, "
+        "steps": steps, "lr": lr, "warmup": warmup, "batch": batch, "seed": seed, "device": str(dev),
+        "schedule": f"layer-wise distillation, Adam (per-tensor lr x RMS), {warmup:.0%} warm-up + cosine to 10%, "
                     "QR retraction after each step, best held-out iterate"
                     + ("; then end-to-end on the mean next-token KL(original || healed), same optimiser, "
                        "schedule and retraction, best held-out-KL iterate" if kl_steps else ""),
