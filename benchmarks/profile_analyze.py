@@ -1,122 +1,121 @@
 #!/usr/bin/env python
-"""Where analyze's time goes on a GPU, stage by stage (the numbers behind the pipeline's settings).
+"""Where analyze's time goes, stage by stage, on one checkpoint (the numbers behind the pipeline).
 
-    python benchmarks/profile_analyze.py --workdir /tmp/tb [--out DIR]
+    python benchmarks/profile_analyze.py MODEL [--layers 0-7] [--device cuda] [--out DIR]
 
-Per model shape (random bf16 layers, as benchmarks/run.py writes them): reading alone, reading +
-upload, building the spectrum problems (GEMMs), solving them one after another, summarising on
-the CPU; then analyze() over the same layers with 1, 2, 4, 6 concurrent solvers and 1 or 2
-layers read ahead; CLI start-up and JSON writing. Writes ``<out>/profile.json``.
+For the first listed layer, each tensor's stages timed alone (float64 upload and thin QRs,
+RoPE offset-averaged spectra, zero-offset spectra, zero-offset spectra with the HOSVD bases
+when the exact table is computed, exact GQA errors, the exact table, the rounding-noise
+estimate, the whole ``analyze_tensor``), repeated twice (the first includes warm-up); then
+``analyze()`` over the listed layers with one solver thread and with analyze's default
+(``solver_threads``: CUDA streams), and whether the two documents are equal. MODEL is any
+checkpoint ``tuckerctl analyze`` reads, e.g. one that ``benchmarks/run.py --workdir`` wrote.
+Prints JSON and writes ``<out>/profile-analyze.json`` when ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import run as bench  # noqa: E402
 import torch  # noqa: E402
 
-from tuckerctl import analysis, loader  # noqa: E402
-from tuckerctl.adapters import detect  # noqa: E402
-from tuckerctl.loader import open_checkpoint  # noqa: E402
+from tuckerctl import analysis  # noqa: E402
+from tuckerctl.device import resolve_device  # noqa: E402
+from tuckerctl.exact import EXACT_TABLE_MAX_FLOPS, gqa_errors, hosvd_residuals, table_flops  # noqa: E402
+from tuckerctl.loader import open_model  # noqa: E402
+from tuckerctl.multilinear import mode_spectra, mode_spectra_with_bases, reduce  # noqa: E402
+from tuckerctl.noise import mode_noise  # noqa: E402
+from tuckerctl.pareto import gqa_groups  # noqa: E402
+from tuckerctl.rope import averaged_spectra  # noqa: E402
+from tuckerctl.schema import MODE_NAMES  # noqa: E402
 
 
-def now(dev):
+def timed(dev, fn, *args):
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def profile(key, layers, workdir, dev, log, out):
-    path = bench.ensure_aliased_model(workdir, key, layers, 8, log, dev.type)
-    ckpt = open_checkpoint(path)
-    adapter, spec = detect(ckpt)
-    idx = list(range(layers))
-    rec = {"model": key, "layers": layers}
-    t = now(dev)
-    for i in idx:
-        adapter.layer(ckpt, spec, i)
-    rec["read_s"] = now(dev) - t
-    t = now(dev)
-    held = list(loader.iter_layers(adapter, ckpt, spec, idx[:4], dev))
-    rec["read_upload_4_s"] = now(dev) - t
-    solver = analysis.SpectraSolver(dev, 1)
-    starts, solves, finishes = [], [], []
-    for layer in held:
-        t = now(dev)
-        jobs = {k: analysis.spectrum_problems(analysis.reduce(getattr(layer, k).to(dev, torch.float64)))
-                for k in ("pre", "post")}
-        starts.append(now(dev) - t)
-        t = now(dev)
-        for _, problems in jobs.values():
-            for pb in problems:
-                pb.solve(torch.float32)
-        solves.append(now(dev) - t)
-        t = now(dev)
-        job = analysis._start_layer(layer, dev, solver, torch.float32)
-        analysis._finish_layer(job, (0.9, 0.99, 0.999), 8e-3)
-        finishes.append(now(dev) - t)
-    rec.update({"problems_s_per_layer": starts, "solves_fp32_s_per_layer": solves,
-                "start+solve+finish_s_per_layer": finishes})
-    del held, jobs
-    log(json.dumps(rec))
-    runs = []
-    for ahead in (1, 2):
-        for workers in (1, 2, 4, 6) if ahead == 1 else (4,):
-            analysis.CUDA_SOLVERS, analysis.READ_AHEAD = workers, ahead
-            t = time.perf_counter()
-            analysis.analyze(path, device=str(dev))
-            runs.append({"solvers": workers, "read_ahead": ahead, "seconds": time.perf_counter() - t})
-            log(f"{key} {layers} layers: solvers {workers}, read ahead {ahead}: {runs[-1]['seconds']:.2f} s")
-    analysis.CUDA_SOLVERS, analysis.READ_AHEAD = 4, 1
-    rec["analyze"] = runs
+        torch.cuda.synchronize(dev)
     t = time.perf_counter()
-    doc = analysis.analyze(path, device=str(dev))
-    rec["analyze_again_s"] = time.perf_counter() - t
-    from tuckerctl.io import json_text
-
-    t = time.perf_counter()
-    text = json_text(doc)
-    rec["json_text_s"] = time.perf_counter() - t
-    rec["json_mb"] = len(text) / 1e6
-    out.append(rec)
+    out = fn(*args)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t, out
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--workdir", default="/tmp/tb")
-    p.add_argument("--out", default=".")
-    p.add_argument("--models", default="llama3-8b:32,deepseek-v3:12,llama3-70b:12")
-    args = p.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    if dev.type == "cpu":
-        bench.use_smoke_shapes()
-    bench.warm_up(dev)
-    out = []
-    for cmd in (["-m", "tuckerctl", "--version"],
-                ["-c", "import torch; torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu')"]):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, *cmd], capture_output=True)
-        out.append({"startup": " ".join(cmd), "seconds": time.perf_counter() - t})
-        log(json.dumps(out[-1]))
-    try:
-        for item in args.models.split(","):
-            key, n = item.split(":")
-            profile(key, int(n), Path(args.workdir), dev, log, out)
-    finally:
+def upload_reduce(stack, dev):
+    st = stack.to(device=dev, dtype=torch.float64)
+    return st, reduce(st)
+
+
+def stages(layer, dev, rope, groups, eps) -> dict:
+    """Seconds per stage for both tensors of one layer."""
+    out = {}
+    for key in ("pre", "post"):
+        stack = getattr(layer, key)
+        r = rope if key == "pre" else None
+        width = stack.left.shape[2]
+        rec = {}
+        rec["upload_reduce_s"], (st, red) = timed(dev, upload_reduce, stack, dev)
+        if r:
+            rec["rope_averaged_spectra_s"], _ = timed(dev, averaged_spectra, red, *r)
+        rec["zero_offset_spectra_s"], _ = timed(dev, mode_spectra, red)
+        table = table_flops(red) <= EXACT_TABLE_MAX_FLOPS
+        if table:
+            rec["zero_offset_spectra_with_bases_s"], (_, bases) = timed(dev, mode_spectra_with_bases, red)
+            grids = analysis.tradeoff_grids(red, groups, width, st.ceilings)
+            rec["exact_table_s"], _ = timed(dev, hosvd_residuals, red, grids, bases)
+        rec["exact_gqa_s"], _ = timed(dev, gqa_errors, red, groups, width)
+        rec["noise_s"], _ = timed(dev, mode_noise, red, st.shape[1], st.shape[2], eps, eps)
+        rec["analyze_tensor_s"], _ = timed(dev, analysis.analyze_tensor, stack, MODE_NAMES[key],
+                                           analysis.DEFAULT_ENERGY, None, dev, groups, width, r, eps)
+        rec["exact_table"] = table
+        out[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--layers", default="0-3", help="layers for the analyze() runs (default 0-3)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = resolve_device(args.device)
+    ckpt, adapter, spec = open_model(args.model)
+    indices = analysis.parse_layers(args.layers, spec.layers)
+    rope, _ = analysis.rope_setting(spec, analysis.DEFAULT_OFFSETS)
+    groups = gqa_groups(spec.heads, spec.kv_heads if spec.attention != "MLA" else None)
+    t, layer = timed(dev, adapter.layer, ckpt, spec, indices[0])
+    eps, dtype = analysis.storage_eps(analysis.stored_dtype(ckpt, layer))
+    rec = {"model": str(args.model), "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+           else None, "torch": torch.__version__, "dtype": dtype, "read_layer_s": round(t, 3),
+           "stages": [stages(layer, dev, rope, groups, eps) for _ in range(2)]}
+    docs = {}
+    default = analysis.solver_threads
+    for name, threads in (("one_thread", 1), ("default", default(dev))):
+        analysis.solver_threads = lambda d, n=threads: n  # noqa: E731
+        try:
+            t, doc = timed(dev, partial(analysis.analyze, args.model, layers=indices, device=str(dev)))
+        finally:
+            analysis.solver_threads = default
+        doc["summary"].pop("seconds")
+        docs[name] = doc
+        rec[f"analyze_{name}"] = {"threads": threads, "layers": len(indices), "seconds": round(t, 2),
+                                  "per_layer_s": round(t / len(indices), 3)}
+    rec["documents_equal"] = docs["one_thread"] == docs["default"]
+    text = json.dumps(rec, indent=1)
+    print(text)
+    if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile.json").write_text(json.dumps(out, indent=1))
+        (Path(args.out) / "profile-analyze.json").write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

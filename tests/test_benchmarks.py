@@ -27,3 +27,15 @@ def test_benchmark_smoke_runs_every_benchmark(tmp_path):
     # torchrun with 2 processes gave the single process's results, also through the script.
     (same,) = [r for r in doc["rows"] if r["benchmark"].startswith("torchrun")]
     assert same["met?"] == "yes", same["note"]
+
+
+def test_profile_analyze_runs_on_main(tmp_path, capsys):
+    """benchmarks/profile_analyze.py drives main's stages (it once needed another branch's API)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_analyze
+
+    assert profile_analyze.main([str(ROOT / "examples" / "tiny-gqa"), "--layers", "0-1", "--device", "cpu",
+                                 "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "profile-analyze.json").read_text())
+    assert rec["documents_equal"] is True and rec["analyze_default"]["layers"] == 2
+    assert rec["stages"][0]["pre"]["analyze_tensor_s"] > 0 and "exact_gqa_s" in rec["stages"][0]["post"]

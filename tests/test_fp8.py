@@ -84,6 +84,15 @@ def test_dequantise_block_fp8(block, tmp_path):
     assert torch.equal(ckpt.get("model.norm.weight"), other.float())  # non-FP8 untouched
 
 
+def test_dequantise_whole_tiles_equals_per_block(tmp_path):
+    """Weights that are whole tiles (the reader broadcasts the scales instead of expanding them)."""
+    w, q, scale = fp8_case(shape=(256, 384), block=(128, 64))
+    ckpt = write(tmp_path, {NAME: q, NAME + "_scale_inv": scale},
+                 {"quantization_config": {"weight_block_size": [128, 64]}})
+    assert scale.shape == (2, 6)
+    assert torch.equal(ckpt.get(NAME), by_blocks(q, scale, (128, 64)))
+
+
 def test_wrong_block_size_in_config_is_not_applied(tmp_path):
     """A scale that does not tile the weight in the configured blocks is refused."""
     _, q, scale = fp8_case(block=(128, 128))  # scale [2, 3]

@@ -238,6 +238,9 @@ class Checkpoint:
         if scale.shape != (math.ceil(rows / br), math.ceil(cols / bc)):
             raise InputError(f"{self.path}: {scale_name!r} has shape {tuple(scale.shape)}, "
                              f"which does not tile {name!r} {tuple(t.shape)} in {br}x{bc} blocks")
+        if rows % br == 0 and cols % bc == 0:  # whole tiles: broadcast the scales, no scale-sized copy of W
+            tiles = t.to(torch.float32).view(rows // br, br, cols // bc, bc)
+            return tiles.mul_(scale[:, None, :, None]).view(rows, cols)
         full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
         return t.to(torch.float32) * full
 
