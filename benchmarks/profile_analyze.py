@@ -8,7 +8,8 @@ RoPE offset-averaged spectra, zero-offset spectra, zero-offset spectra with the 
 when the exact table is computed, exact GQA errors, the exact table, the rounding-noise
 estimate, the whole ``analyze_tensor``), repeated twice (the first includes warm-up); then
 ``analyze()`` over the listed layers with one solver thread and with analyze's default
-(``solver_threads``: CUDA streams), and whether the two documents are equal. MODEL is any
+(``solver_threads``: CUDA streams) or the ``--threads`` counts given, and whether the
+documents are all equal. MODEL is any
 checkpoint ``tuckerctl analyze`` reads, e.g. one that ``benchmarks/run.py --workdir`` wrote.
 Prints JSON and writes ``<out>/profile-analyze.json`` when ``--out`` is given.
 """
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("model")
     p.add_argument("--layers", default="0-3", help="layers for the analyze() runs (default 0-3)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", default=None,
+                   help="solver thread counts to compare, e.g. 1,2,4,6 (default: 1 and analyze's default)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = resolve_device(args.device)
@@ -96,19 +99,21 @@ def main(argv=None) -> int:
     rec = {"model": str(args.model), "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else None, "torch": torch.__version__, "dtype": dtype, "read_layer_s": round(t, 3),
            "stages": [stages(layer, dev, rope, groups, eps) for _ in range(2)]}
-    docs = {}
+    docs = []
     default = analysis.solver_threads
-    for name, threads in (("one_thread", 1), ("default", default(dev))):
+    counts = [int(x) for x in args.threads.split(",")] if args.threads else [1, default(dev)]
+    rec["analyze"] = []
+    for threads in counts:
         analysis.solver_threads = lambda d, n=threads: n  # noqa: E731
         try:
             t, doc = timed(dev, partial(analysis.analyze, args.model, layers=indices, device=str(dev)))
         finally:
             analysis.solver_threads = default
         doc["summary"].pop("seconds")
-        docs[name] = doc
-        rec[f"analyze_{name}"] = {"threads": threads, "layers": len(indices), "seconds": round(t, 2),
-                                  "per_layer_s": round(t / len(indices), 3)}
-    rec["documents_equal"] = docs["one_thread"] == docs["default"]
+        docs.append(doc)
+        rec["analyze"].append({"threads": threads, "layers": len(indices), "seconds": round(t, 2),
+                               "per_layer_s": round(t / len(indices), 3)})
+    rec["documents_equal"] = all(doc == docs[0] for doc in docs)
     text = json.dumps(rec, indent=1)
     print(text)
     if args.out:

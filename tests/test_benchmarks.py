@@ -37,5 +37,5 @@ def test_profile_analyze_runs_on_main(tmp_path, capsys):
     assert profile_analyze.main([str(ROOT / "examples" / "tiny-gqa"), "--layers", "0-1", "--device", "cpu",
                                  "--out", str(tmp_path)]) == 0
     rec = json.loads((tmp_path / "profile-analyze.json").read_text())
-    assert rec["documents_equal"] is True and rec["analyze_default"]["layers"] == 2
+    assert rec["documents_equal"] is True and [r["layers"] for r in rec["analyze"]] == [2, 2]
     assert rec["stages"][0]["pre"]["analyze_tensor_s"] > 0 and "exact_gqa_s" in rec["stages"][0]["post"]
