@@ -16,7 +16,7 @@ import transformers as tf
 from oracle import rebuild_attention, rel_err, save_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tuckerctl.adapters import detect
+from tuckerctl.adapters import ModelSpec, detect
 from tuckerctl.loader import open_checkpoint
 from tuckerctl.multilinear import tucker
 from tuckerctl.nn import (
@@ -340,7 +340,7 @@ def test_latent_rope_requires_rope_theta(llama):
     d = spec.as_dict()
     d.update(rope=False, rope_theta=None)
     with pytest.raises(ValueError, match="no RoPE"):
-        module_for(layer, d, ranks=(2, 4, 4), latent_rope=True)
+        module_for(layer, ModelSpec.from_dict(d), ranks=(2, 4, 4), latent_rope=True)
 
 
 @pytest.mark.parametrize("extra,what", [({"softcap": 30.0}, "softcap"), ({"alibi": True}, "ALiBi"),
@@ -349,7 +349,7 @@ def test_unsupported_logit_features_raise(llama, extra, what):
     _, spec, layer, _ = llama
     d = {**spec.as_dict(), **extra}
     with pytest.raises(NotImplementedError, match=what):
-        module_for(layer, d, ranks=(2, 4, 4))
+        module_for(layer, ModelSpec.from_dict(d), ranks=(2, 4, 4))
 
 
 # ------------------------------------------------------------------ low rank, structure

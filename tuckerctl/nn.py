@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .families import facts
+
+if TYPE_CHECKING:
+    from .adapters import ModelSpec
 
 LATENT_ROPE_WARNING = (
     "latent RoPE rotates queries and keys in the r3-dimensional Tucker key space; this changes "
@@ -80,15 +84,10 @@ def _as_tucker(obj) -> tuple[Tensor, list[Tensor]]:
     return core, list(factors)
 
 
-def _spec_get(spec, key, default=None):
-    """Read a field from a ``ModelSpec`` (top level or extras) or its ``as_dict`` form."""
-    if isinstance(spec, dict):
-        value = spec.get(key, spec.get("extras", {}).get(key) if isinstance(spec.get("extras"), dict) else None)
-    else:
-        value = getattr(spec, key, None)
-        if value is None:
-            value = getattr(spec, "extras", {}).get(key)
-    return default if value is None else value
+def _default_causal(spec: ModelSpec) -> bool:
+    """The spec's ``causal`` extra when it has one, else the family's default."""
+    causal = spec.extras.get("causal")
+    return facts(spec.family).causal if causal is None else bool(causal)
 
 
 def _output(y: Tensor, out_bias: Tensor | None, unbatched: bool, cache: LatentKVCache | None):
@@ -186,7 +185,8 @@ class TuckerAttention(nn.Module):
                     causal: bool | None = None, dtype: torch.dtype | None = None,
                     layer: int | None = None) -> TuckerAttention:
         """Build from two ``Tucker`` objects (or ``(core, factors)`` pairs) and the model's
-        ``ModelSpec`` (or its ``as_dict()``).
+        :class:`~tuckerctl.adapters.ModelSpec` (a checkpoint's ``model`` record converts with
+        ``ModelSpec.from_dict``).
 
         ``latent_rope``: rotate in the latent key space with the model's ``rope_theta``
         (warns: an approximation). ``causal``: default masking; None = causal except for
@@ -194,55 +194,50 @@ class TuckerAttention(nn.Module):
         scale depends on it (GPT-2's ``scale_attn_by_inverse_layer_idx``). Softcap, ALiBi,
         qk-norm and clip_qkv models raise NotImplementedError: their logits are not a
         bilinear form of x alone."""
-        family = str(_spec_get(spec, "family", ""))
-        if _spec_get(spec, "softcap") or _spec_get(spec, "attn_logit_softcapping"):
+        family, extras = spec.family, spec.extras
+        if extras.get("softcap") or extras.get("attn_logit_softcapping"):
             raise NotImplementedError(
                 f"TuckerAttention: logit softcapping ({family}) is not supported; the module computes "
                 f"plain softmax(scale * logits)")
-        if _spec_get(spec, "alibi") or facts(family).alibi:
+        if extras.get("alibi") or facts(family).alibi:
             raise NotImplementedError(
                 f"TuckerAttention: ALiBi position biases ({family}) are not supported")
-        if _spec_get(spec, "qk_norm"):
+        if spec.qk_norm:
             raise NotImplementedError(
                 f"TuckerAttention: qk-norm ({family}) scales each logit by per-token 1/rms factors of "
                 f"the per-head queries/keys, which the Tucker factors do not carry")
-        if _spec_get(spec, "clip_qkv"):
+        if extras.get("clip_qkv"):
             raise NotImplementedError(f"TuckerAttention: clip_qkv ({family}) is a non-linear clamp; not supported")
         pre_core, pre_f = _as_tucker(pre)
         post_core, post_f = _as_tucker(post)
-        heads, d = _spec_get(spec, "heads"), _spec_get(spec, "d")
-        if heads is not None and pre_f[0].shape[0] != heads:
-            raise ValueError(f"TuckerAttention: pre head factor has {pre_f[0].shape[0]} rows, spec says {heads} heads")
-        if d is not None and post_f[1].shape[0] != d:
-            raise ValueError(f"TuckerAttention: post output factor has {post_f[1].shape[0]} rows, spec says d={d}")
-        source_rope = bool(_spec_get(spec, "rope", False))
+        if pre_f[0].shape[0] != spec.heads:
+            raise ValueError(f"TuckerAttention: pre head factor has {pre_f[0].shape[0]} rows, "
+                             f"spec says {spec.heads} heads")
+        if post_f[1].shape[0] != spec.d:
+            raise ValueError(f"TuckerAttention: post output factor has {post_f[1].shape[0]} rows, spec says d={spec.d}")
         theta = None
         if latent_rope:
-            theta = _spec_get(spec, "rope_theta")
+            theta = extras.get("rope_theta")
             if theta is None:
-                if not source_rope:
+                if not spec.rope:
                     raise ValueError(f"TuckerAttention: latent_rope requested but {family or 'the model'} "
                                      f"has no RoPE (no rope_theta)")
                 theta = 10000.0  # the common default when a RoPE config omits it
             warnings.warn(LATENT_ROPE_WARNING, stacklevel=2)
         if causal is None:
-            causal = _spec_get(spec, "causal")
-            if causal is None:
-                causal = facts(family).causal
+            causal = _default_causal(spec)
         if dtype is not None:
             pre_core, post_core = pre_core.to(dtype), post_core.to(dtype)
             pre_f = [u.to(dtype) for u in pre_f]
             post_f = [u.to(dtype) for u in post_f]
             out_bias = None if out_bias is None else out_bias.to(dtype)
-        scale = _spec_get(spec, "scale")
-        if _spec_get(spec, "scale_attn_by_inverse_layer_idx"):  # the rule of ModelSpec.layer_scale
-            if layer is None:
-                raise ValueError(f"TuckerAttention: {family or 'this model'} scales layer i's logits by "
-                                 f"1/(i + 1) (scale_attn_by_inverse_layer_idx); pass layer=i")
-            scale = scale / (layer + 1)
+        if extras.get("scale_attn_by_inverse_layer_idx") and layer is None:
+            raise ValueError(f"TuckerAttention: {family or 'this model'} scales layer i's logits by "
+                             f"1/(i + 1) (scale_attn_by_inverse_layer_idx); pass layer=i")
+        scale = spec.scale if layer is None else spec.layer_scale(layer)
         module = cls(pre_core, pre_f, post_core, post_f, scale, out_bias,
                      rope_theta=theta, causal=causal)
-        module.source_rope = source_rope
+        module.source_rope = spec.rope
         return module
 
     @classmethod
@@ -252,14 +247,15 @@ class TuckerAttention(nn.Module):
 
         A layer in the ``qk_input`` structure (the default for RoPE models) gives a
         :class:`QKInputAttention`, which runs the model's own RoPE and qk-norm exactly."""
-        from .tucker_format import QK_INPUT, load  # lazy: the module itself needs only torch
+        from .adapters import ModelSpec  # lazy: the module itself needs only torch
+        from .tucker_format import QK_INPUT, load
 
         ck = load(path)
         t = ck.layer(layer)
         if t.structure == QK_INPUT:
             module = QKInputAttention.from_layer(ck, layer, causal=causal, dtype=dtype)
             return module.to(device) if device is not None else module
-        module = cls.from_tucker(t.pre, t.post, ck.spec,
+        module = cls.from_tucker(t.pre, t.post, ModelSpec.from_dict(ck.spec),
                                  out_bias=t.out_bias, latent_rope=latent_rope, causal=causal, dtype=dtype,
                                  layer=layer)
         return module.to(device) if device is not None else module
@@ -461,26 +457,27 @@ class QKInputAttention(nn.Module):
     @classmethod
     def from_layer(cls, ck, i: int, causal: bool | None = None, dtype=None) -> QKInputAttention:
         """Build from layer ``i`` of an opened compressed checkpoint (``tuckerctl.load``)."""
-        spec, flags = ck.spec, ck.info.get("flags", {})
-        family = spec.get("family", "")
-        if spec.get("rope_theta_by_layer_type") or spec.get("rope_type") or facts(family).layer_types:
+        from .adapters import ModelSpec
+
+        spec, flags = ModelSpec.from_dict(ck.spec), ck.info.get("flags", {})
+        extras, family = spec.extras, spec.family
+        if extras.get("rope_theta_by_layer_type") or extras.get("rope_type") or facts(family).layer_types:
             raise NotImplementedError(f"QKInputAttention: {family} uses per-layer RoPE/sliding windows; "
                                       f"run it with tuckerctl.patch")
         t = ck.layer(i)
         conv = (lambda x: x) if dtype is None else (lambda x: None if x is None else x.to(dtype))  # noqa: E731
-        theta = spec.get("rope_theta") or 10000.0
-        prf = spec.get("partial_rotary_factor") or 1.0
-        kind = spec.get("qk_norm_type", "") if spec.get("qk_norm") else ""
+        theta = extras.get("rope_theta") or 10000.0
+        prf = extras.get("partial_rotary_factor") or 1.0
+        kind = extras.get("qk_norm_type", "") if spec.qk_norm else ""
         if causal is None:
-            causal = spec.get("causal")
-            causal = facts(family).causal if causal is None else causal
+            causal = _default_causal(spec)
         return cls(conv(t.pre_factors[1]), conv(t.pre_factors[2]), conv(t.query_heads), conv(t.key_groups),
-                   conv(t.post_core), [conv(u) for u in t.post_factors], spec["scale"], conv(t.out_bias),
-                   rope_theta=theta if spec.get("rope") else None,
-                   rotary_dim=int(spec["head_dim"] * prf) // 2 * 2,
+                   conv(t.post_core), [conv(u) for u in t.post_factors], spec.scale, conv(t.out_bias),
+                   rope_theta=theta if spec.rope else None,
+                   rotary_dim=int(spec.head_dim * prf) // 2 * 2,
                    qk_norm=("full_width" if kind.startswith("full_width") else "per_head") if kind else None,
                    query_gain=conv(t.query_gain), key_gain=conv(t.key_gain),
-                   eps=flags.get("qk_norm_eps", 1e-6), softcap=spec.get("softcap"), causal=causal)
+                   eps=flags.get("qk_norm_eps", 1e-6), softcap=extras.get("softcap"), causal=causal)
 
     @property
     def kv_cache_width(self) -> int:
