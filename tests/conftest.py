@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints written by transformers (no network)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Under pytest-xdist (`pytest -n 2`) the workers share the cores: each gets its share of
+# threads, and so do the CLI subprocesses it starts, instead of every process starting
+# one thread per core and all of them competing.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +71,16 @@ def minilm_full_rank(tmp_path_factory):
     return _compress_once(tmp_path_factory, "minilm-full", MINILM / "model", "--ranks", "12,385,385")
 
 
+# Session fixtures are built once per xdist worker: the tests that read an expensive one go
+# to the same worker (``--dist loadgroup`` in pyproject's addopts), so it is built once.
+_GROUPS = {"smollm2_full_rank": "smollm2", "smollm2_transformers": "smollm2", "minilm_full_rank": "minilm"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in _GROUPS}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(min(groups)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run on the GPU machine)")
