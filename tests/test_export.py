@@ -123,7 +123,7 @@ def test_export_output_is_claimed_before_any_work(tmp_path_factory, tmp_path):
             export(tmp_path / "out", target, overwrite=overwrite)
         assert _tree(tmp_path) == before, target  # nothing of the input, or anything else, touched
     export(tmp_path / "out", tmp_path / "hf")
-    with pytest.raises(InputError, match="already exists|--overwrite"):
+    with pytest.raises(InputError, match=r"already exists \(use overwrite=True to replace it\)"):
         export(tmp_path / "out", tmp_path / "hf")
     first = _tree(tmp_path / "hf")
     export(tmp_path / "out", tmp_path / "hf", overwrite=True)  # an earlier export may be replaced

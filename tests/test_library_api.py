@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from oracle import run_cli
+
 from tuckerctl.analysis import analyze
+from tuckerctl.compress import compress
 from tuckerctl.errors import InputError
 from tuckerctl.options import parse_ranks
 
@@ -24,8 +27,24 @@ def test_layers_as_indices_equal_the_text_form():
 def test_ranks_as_a_tuple_equal_the_text_form():
     assert parse_ranks((8, 128, 64), "ranks") == parse_ranks("8,128,64", "ranks") == (8, 128, 64)
     for bad in [(8, 128), (8, 0, 64), ("a", 1, 1)]:
-        with pytest.raises(InputError, match="ranks"):
+        with pytest.raises(InputError, match="^ranks: "):
             parse_ranks(bad, "ranks")
+
+
+def test_errors_name_keyword_arguments_for_the_library_and_options_for_the_cli(tmp_path):
+    """One message, spelled for whoever reads it: ``tol``/``method='svd'`` from the library,
+    ``--tol``/``--method svd`` from the command line."""
+    with pytest.raises(InputError) as lib:
+        analyze(EXAMPLE, tol=2.0, device="cpu")
+    assert str(lib.value) == "tol: 2.0 is not in (0, 1)"
+    cli = run_cli("analyze", EXAMPLE, "--tol", "2")
+    assert cli.code == 2 and "error: --tol: 2.0 is not in (0, 1)" in cli.stderr
+    with pytest.raises(InputError) as lib:
+        compress(EXAMPLE, tmp_path / "a", ranks=(2, 4, 4), method="svd", device="cpu")
+    assert str(lib.value) == "method='svd' takes params or energy, not ranks"
+    cli = run_cli("compress", EXAMPLE, "-o", tmp_path / "b", "--ranks", "2,4,4", "--method", "svd")
+    assert cli.code == 2 and "error: --method svd takes --params or --energy, not --ranks" in cli.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_compressed_layer_unpacks_like_a_tensorly_tucker(tmp_path):

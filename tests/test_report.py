@@ -187,7 +187,7 @@ def test_vector_only_page_embeds_svg(analyses):
 
 
 def test_bad_format_and_out_dir(analyses, tmp_path):
-    with pytest.raises(InputError, match="--format: jpg"):
+    with pytest.raises(InputError, match="formats: jpg"):
         build_report(analyses["mha"], tmp_path / "r", formats=("jpg",))
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="already exists"):

@@ -113,7 +113,7 @@ def test_repo_folder_revision_choice(sharded, tmp_path):
     (folder / "refs" / "main").unlink()
     assert resolve(folder).path == folder / "snapshots" / COMMIT  # the only snapshot
     (folder / "snapshots" / ("f" * 40)).mkdir()
-    with pytest.raises(InputError, match="--revision"):
+    with pytest.raises(InputError, match="choose one with revision "):
         resolve(folder)
     assert resolve(folder, revision=COMMIT).path == folder / "snapshots" / COMMIT
 
@@ -121,7 +121,7 @@ def test_repo_folder_revision_choice(sharded, tmp_path):
 def test_unknown_local_name_hints_at_repo_ids(tmp_path):
     with pytest.raises(InputError, match="org/name"):
         resolve("nothing-here-at-all")
-    with pytest.raises(InputError, match="--revision"):
+    with pytest.raises(InputError, match="^revision: .* is a local path"):
         resolve(tmp_path, revision="main")
 
 

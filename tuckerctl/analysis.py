@@ -21,7 +21,7 @@ from .adapters import LayerWeights, ModelSpec
 from .checkpoint import Checkpoint
 from .device import resolve_device
 from .distributed import join
-from .errors import InputError
+from .errors import InputError, arg
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .loader import iter_layers, open_model
 from .multilinear import frobenius_norm_sq, mode_spectra, mode_spectra_with_bases, reduce
@@ -49,7 +49,7 @@ def parse_layers(layers: str | Sequence[int] | None, count: int) -> list[int]:
     for lo, hi in spans:
         if lo < 0 or hi >= count:
             span = f"{lo}-{hi}" if hi != lo else str(lo)
-            raise InputError(f"--layers: {span!r} is outside 0-{count - 1} (the model has {count} layers, "
+            raise InputError(f"{arg('layers')}: {span!r} is outside 0-{count - 1} (the model has {count} layers, "
                              f"counted from 0)")
         out.extend(range(lo, hi + 1))
     return sorted(set(out))
@@ -241,9 +241,9 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     """Analyse a checkpoint; returns the versioned analysis document (README: JSON)."""
     for t in energy:
         if not 0 < t <= 1:
-            raise InputError(f"--energy: {t} is not in (0, 1]")
+            raise InputError(f"{arg('energy')}: {t} is not in (0, 1]")
     if tol is not None and not 0 < tol < 1:
-        raise InputError(f"--tol: {tol} is not in (0, 1)")
+        raise InputError(f"{arg('tol')}: {tol} is not in (0, 1)")
     dev = resolve_device(device)
     start = time.perf_counter()
     ckpt, adapter, spec = open_model(path, config, revision=revision, heads=heads, kv_heads=kv_heads,

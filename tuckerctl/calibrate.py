@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, arg
 
 
 def read_text(path) -> str:
@@ -58,7 +58,7 @@ def windows(ids: Tensor, seq_len: int, wrap: tuple[int | None, int | None] = (No
     first, last = wrap
     inner = seq_len - (first is not None) - (last is not None)
     if inner < 2:
-        raise InputError(f"--seq-len {seq_len} is too short")
+        raise InputError(f"{arg('seq_len', seq_len)} is too short")
     for s in range(0, ids.numel(), inner):
         chunk = ids[s:s + inner]
         if chunk.numel() < 2:

@@ -172,7 +172,7 @@ def _analysis_options(energy: str, tol, device) -> tuple[float, ...]:
     """Check the analysis options before any work; returns the energy levels."""
     options.device(device)
     if tol is not None:
-        options.fraction(tol, "--tol", closed=False)
+        options.fraction(tol, "tol", closed=False)
     return options.energies(energy)
 
 
@@ -398,11 +398,11 @@ def compress(
 
     check_checkpoint_source(str(path))
     check_ranks_options(ranks, ranks_post, energy, params)
-    ranks, ranks_post = options.parse_ranks(ranks, "--ranks"), options.parse_ranks(ranks_post, "--ranks-post")
+    ranks, ranks_post = options.parse_ranks(ranks, "ranks"), options.parse_ranks(ranks_post, "ranks_post")
     options.compress_choice(ranks, ranks_post, energy, params, hooi_iters, dtype)
     options.device(device)
-    options.non_negative(max_error, "--max-error")
-    options.positive_int(tokens, "--tokens")
+    options.non_negative(max_error, "max_error")
+    options.positive_int(tokens, "tokens")
     if max_error is not None and not check:
         raise InputError("--max-error needs the check: drop --no-check (or --max-error)")
     config = source.config
@@ -468,8 +468,8 @@ def verify(
     from .usage import check_checkpoint_source
 
     check_checkpoint_source(str(against))
-    options.non_negative(max_error, "--max-error")
-    options.positive_int(tokens, "--tokens")
+    options.non_negative(max_error, "max_error")
+    options.positive_int(tokens, "tokens")
     options.device(device)
     output = claim_json(output, [compressed, against, config], overwrite)
     from .tables import print_verify
@@ -577,14 +577,14 @@ def heal(
     from .heal import heal as run
 
     options.device(device)
-    options.positive_int(tokens, "--tokens")
+    options.positive_int(tokens, "tokens")
     for value, name in ((steps, "--steps"), (kl_steps, "--kl-steps")):
         if value < 0:
             raise InputError(f"{name}: {value} must be at least 0")
     if steps == 0 and kl_steps == 0:
         raise InputError("--steps: 0 layer-wise steps and no --kl-steps leave nothing to do")
-    options.positive_int(seq_len, "--seq-len")
-    options.positive_int(batch, "--batch")
+    options.positive_int(seq_len, "seq_len")
+    options.positive_int(batch, "batch")
     for value, name in ((lr, "--lr"), (kl_lr, "--kl-lr")):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InputError(f"{name}: expected a positive number, got {value}")
@@ -719,6 +719,15 @@ def _say(label: str, style: str, message: str) -> None:
     err.print(Text(label, style=style) + Text(" " + printable(message)), highlight=False, soft_wrap=True)
 
 
+# Library arguments whose option is not ``--`` + the name with dashes.
+_OPTION_NAMES = {"formats": "--format", "labels": "--label"}
+
+
+def option_name(argument: str) -> str:
+    """The CLI option of a library keyword argument named in an InputError."""
+    return _OPTION_NAMES.get(argument, "--" + argument.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps library errors to exit codes without tracebacks.
     ``argv`` defaults to ``sys.argv[1:]`` (tests pass it to run the CLI in-process)."""
@@ -726,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except InputError as e:
-        _say("error:", "red", str(e))
+        _say("error:", "red", e.for_options(option_name))
         sys.exit(2)
     except CheckFailed as e:
         _say("check failed:", "red", str(e))

@@ -19,7 +19,7 @@ from . import __version__
 from .allocate import TensorSpectra, allocate_budget, allocation_grid, energy_ranks
 from .device import resolve_device
 from .distributed import SINGLE, Group, join
-from .errors import InputError
+from .errors import InputError, arg
 from .exact import EXACT_TABLE_MAX_FLOPS, hosvd_residuals, table_flops
 from .loader import iter_layers, open_model
 from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
@@ -55,12 +55,12 @@ def choose_structure(spec, structure: str) -> str:
     exactly, docs/format), ``tucker`` otherwise. MLA keeps ``tucker``: its pre-softmax
     tensor mixes the nope and rope parts through shared latents."""
     if structure not in STRUCTURES:
-        raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
+        raise InputError(f"{arg('structure')}: {structure!r} is not one of {', '.join(STRUCTURES)}")
     chosen = STRUCTURES[structure]
     if spec.attention == "MLA":
         if chosen == QK_INPUT:
-            raise InputError("--structure qk-input: not available for MLA models (their RoPE split is kept "
-                             "in the tucker structure)")
+            raise InputError(f"{arg('structure', 'qk-input')}: not available for MLA models (their RoPE split "
+                             "is kept in the tucker structure)")
         return TUCKER
     if chosen is None:
         return QK_INPUT if spec.rope else TUCKER
@@ -180,7 +180,7 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
         sides = [sp for *_, sp in free]
         least = sum(sp.step_cost for sp in sides)  # every side has rank >= 1
         if budget - kept < least:
-            raise InputError(f"--params {params}: below the minimum of {kept + least:,} parameters (every "
+            raise InputError(f"{arg('params', params)}: below the minimum of {kept + least:,} parameters (every "
                              f"compressed side at rank 1{', the kept tensor whole' if kept else ''})")
         ranks = allocate(sides, budget - kept)
         spare = budget - kept - sum(params_of(sp, r) for sp, r in zip(sides, ranks))
@@ -196,7 +196,7 @@ def _budget_ranks(adapter, ckpt, spec, indices, params, dev, progress, structure
     try:
         chosen = allocate_budget(free, budget - kept)
     except ValueError as e:
-        raise InputError(f"--params {params}: {e}") from None
+        raise InputError(f"{arg('params', params)}: {e}") from None
     return dict(zip(keys, chosen))
 
 
@@ -277,7 +277,7 @@ def _per_head(layer, key, stack, want, hooi_iters, store, left=None, right=None,
     else:
         raw = layer.post.to(device=U2.device, dtype=U2.dtype)
     if raw.left_basis is not None or raw.right_basis is not None:
-        raise InputError(f"--structure qk-input needs per-head {key} factors (not MLA latents)")
+        raise InputError(f"{arg('structure', 'qk-input')} needs per-head {key} factors (not MLA latents)")
     names = QK_INPUT_PARTS if key == "pre" else PER_HEAD_PARTS
     tensors = {}
     for side, (U, w, coords) in enumerate(((U2, left, raw.left), (U3, right, raw.right))):
@@ -413,22 +413,22 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
     same statistics precomputed by :func:`tuckerctl.calibrate.calibrate`).
     ``method="svd"``: the per-matrix whitened-SVD baseline (:mod:`tuckerctl.lowrank`).
     ``tensors``: which tensor(s) to compress (``pre``, ``post`` or ``both``)."""
-    fixed_pre = parse_ranks(ranks, "--ranks")
-    fixed_post = parse_ranks(ranks_post, "--ranks-post") or fixed_pre
+    fixed_pre = parse_ranks(ranks, "ranks")
+    fixed_post = parse_ranks(ranks_post, "ranks_post") or fixed_pre
     compress_choice(fixed_pre, ranks_post, energy, params, hooi_iters, dtype)
     if structure not in STRUCTURES:
-        raise InputError(f"--structure: {structure!r} is not one of {', '.join(STRUCTURES)}")
+        raise InputError(f"{arg('structure')}: {structure!r} is not one of {', '.join(STRUCTURES)}")
     if method not in METHODS:
-        raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+        raise InputError(f"{arg('method')}: {method!r} is not one of {', '.join(METHODS)}")
     if tensors not in TENSORS:
-        raise InputError(f"--tensors: {tensors!r} is not one of {', '.join(TENSORS)}")
+        raise InputError(f"{arg('tensors')}: {tensors!r} is not one of {', '.join(TENSORS)}")
     if method == "tucker" and tensors != "both" and structure == "tucker":
-        raise InputError("--tensors pre|post: the kept tensor is stored in the per-head structure, which "
-                         "--structure tucker excludes")
+        raise InputError(f"{arg('tensors', tensors)}: the kept tensor is stored in the per-head structure, "
+                         f"which {arg('structure', 'tucker')} excludes")
     if method == "svd" and fixed_pre is not None:
-        raise InputError("--method svd takes --params or --energy, not --ranks")
+        raise InputError(f"{arg('method', 'svd')} takes {arg('params')} or {arg('energy')}, not {arg('ranks')}")
     if calib_tokens < 2:
-        raise InputError(f"--calib-tokens: {calib_tokens} must be at least 2")
+        raise InputError(f"{arg('calib_tokens')}: {calib_tokens} must be at least 2")
     if calibrate is not None:
         from .calibrate import read_text
 

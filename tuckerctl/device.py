@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, arg
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -14,12 +14,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise InputError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise InputError(f"{arg('device')}: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine")
+            raise InputError(f"{arg('device', name)}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"{arg('device', name)}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
-        raise InputError(f"--device: unsupported device type {dev.type!r}")
+        raise InputError(f"{arg('device')}: unsupported device type {dev.type!r}")
     return dev

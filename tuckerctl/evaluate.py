@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .calibrate import read_text, token_ids, windows
 from .device import resolve_device
-from .errors import InputError
+from .errors import InputError, arg
 from .loader import open_checkpoint
 from .metrics import CausalTally, EncoderTally
 
@@ -96,12 +96,12 @@ def evaluate(compressed, against, text, *, seq_len: int = 512, max_tokens: int |
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Compare the compressed model with the original on the text file ``text``."""
     if seq_len < 2:
-        raise InputError(f"--seq-len: {seq_len} must be at least 2")
+        raise InputError(f"{arg('seq_len')}: {seq_len} must be at least 2")
     if max_tokens is not None and max_tokens < 2:
-        raise InputError(f"--max-tokens: {max_tokens} must be at least 2")
-    for name, bound in (("--max-kld", max_kld), ("--max-ppl-ratio", max_ppl_ratio)):
+        raise InputError(f"{arg('max_tokens')}: {max_tokens} must be at least 2")
+    for name, bound in (("max_kld", max_kld), ("max_ppl_ratio", max_ppl_ratio)):
         if bound is not None and not (math.isfinite(bound) and bound >= 0):
-            raise InputError(f"{name}: {bound} is not a non-negative number")
+            raise InputError(f"{arg(name)}: {bound} is not a non-negative number")
     compressed, against = Path(compressed), Path(against)
     body = read_text(text)
     info = _compressed_info(compressed)
@@ -114,8 +114,8 @@ def evaluate(compressed, against, text, *, seq_len: int = 512, max_tokens: int |
     model, causal = load_model(against, dev)
     _check_same_model(info, model, compressed, against)
     if not causal and (max_kld is not None or max_ppl_ratio is not None):
-        raise InputError(f"{against}: an encoder has no next-token distribution; --max-kld and "
-                         "--max-ppl-ratio apply to causal LMs")
+        raise InputError(f"{against}: an encoder has no next-token distribution; {arg('max_kld')} and "
+                         f"{arg('max_ppl_ratio')} apply to causal LMs")
     small = weight_sharing_copy(model)
     apply_compressed(small, compressed, info)
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, arg
 from .ranks import energy_rank
 
 SCHEMA = "tuckerctl.lowrank/1"
@@ -41,7 +41,7 @@ def layer_matrices(layer) -> dict[str, Tensor]:
     """The four projections of a :class:`LayerWeights` as y = [x, 1] W matrices."""
     pre, post = layer.pre, layer.post
     if any(b is not None for b in (pre.left_basis, pre.right_basis, post.left_basis, post.right_basis)):
-        raise InputError("--method svd: MLA layers (shared latent bases) are not supported")
+        raise InputError(f"{arg('method', 'svd')}: MLA layers (shared latent bases) are not supported")
 
     def cat(f: Tensor) -> Tensor:  # (k, m, w) per-head columns -> (m, k w)
         return f.permute(1, 0, 2).reshape(f.shape[1], -1)
@@ -256,8 +256,8 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
     store = STORE_DTYPES[dtype]
 
     if spec.qk_norm:
-        raise InputError("--method svd: qk-norm layers are not supported (the norm gain sits between the "
-                         "factors); use --method tucker")
+        raise InputError(f"{arg('method', 'svd')}: qk-norm layers are not supported (the norm gain sits "
+                         f"between the factors); use {arg('method', 'tucker')}")
     roles = TENSOR_ROLES[tensors]
     steps = len(indices) * (2 if params is not None else 1)
     spectra: dict[tuple[int, str], Spectrum] = {}
@@ -280,7 +280,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
         kept = sum(spectra[key].params_dense for key in keys if key[1] not in roles)
         budget = int(params * original) - kept
         if budget < 0:
-            raise InputError(f"--params {params}: the tensors kept as they are already use more than that")
+            raise InputError(f"{arg('params', params)}: the tensors kept as they are already use more than that")
         chosen.update(zip(free, allocate([spectra[key] for key in free], budget)))
     else:
         chosen.update({key: energy_rank_or_dense(spectra[key], energy) for key in keys if key[1] in roles})

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, arg
 
 
 class Terminated(BaseException):
@@ -391,10 +391,10 @@ def claim(path: str | os.PathLike, kind: str, *, inputs: Iterable = (), overwrit
     if k.is_dir and _empty_dir(path):
         return Target(path, k, replace=True)
     if not overwrite:
-        raise InputError(f"{path}: already exists (use --overwrite to replace it)")
+        raise InputError(f"{path}: already exists (use {arg('overwrite', True)} to replace it)")
     if not k.recognise(path):
         raise InputError(f"{path}: exists and is not a {k.description}; refusing to replace it "
-                         f"even with --overwrite")
+                         f"even with {arg('overwrite', True)}")
     return Target(path, k, replace=True)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, interactive, pareto
-from .errors import InputError
+from .errors import InputError, arg
 from .io import atomic_write
 from .outputs import claim, file_mode
 from .schema import MODE_NAMES, SCHEMA, SET_SCHEMA, TENSORS, layer_modes
@@ -313,7 +313,7 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     from . import plotting  # matplotlib is imported only when a report is built
 
     if style not in plotting.STYLES:
-        raise InputError(f"--style: {style!r} is not one of {', '.join(plotting.STYLES)}")
+        raise InputError(f"{arg('style')}: {style!r} is not one of {', '.join(plotting.STYLES)}")
 
     analyses = list(analysis) if isinstance(analysis, (list, tuple)) else [analysis]
     if compare is not None:
@@ -321,7 +321,8 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
     formats = tuple(dict.fromkeys(str(f).lower().lstrip(".") for f in formats))
     bad = [f for f in formats if f not in FORMATS + ("csv",)]
     if bad or not formats:
-        raise InputError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(FORMATS + ('csv',))}")
+        raise InputError(f"{arg('formats')}: {', '.join(bad) or 'nothing'} is not one of "
+                         f"{', '.join(FORMATS + ('csv',))}")
     figure_formats = tuple(f for f in formats if f != "csv")
     if not analyses:
         raise InputError("report: no analysis given")
@@ -329,7 +330,7 @@ def build_report(analysis, out_dir: Path, formats: Sequence[str] = ("png",),
         validate_analysis(a, "analysis" if i == 0 else ("compare" if len(analyses) == 2 else f"analysis {i + 1}"))
     labels = list(labels) if labels else default_labels(analyses)
     if len(labels) != len(analyses):
-        raise InputError(f"--label: {len(labels)} labels for {len(analyses)} analyses (give one per analysis)")
+        raise InputError(f"{arg('labels')}: {len(labels)} labels for {len(analyses)} analyses (give one per analysis)")
     final = Path(out_dir)
     target = claim(final, "report", inputs=inputs, overwrite=overwrite)
     with target.staging() as tmp:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, arg
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Names of tensors an attention adapter may read: the per-layer attention block.
@@ -78,7 +78,7 @@ def _snapshot_of_repo_folder(folder: Path, revision: str | None) -> Path:
         return snaps / found[0]
     if revision is not None:
         raise InputError(f"{folder}: no snapshot for revision {revision!r} (have: {', '.join(found) or 'none'})")
-    raise InputError(f"{folder}: {len(found)} snapshots and no refs/main; choose one with --revision "
+    raise InputError(f"{folder}: {len(found)} snapshots and no refs/main; choose one with {arg('revision')} "
                      f"({', '.join(found) or 'none'})")
 
 
@@ -94,7 +94,7 @@ def resolve(source, revision: str | None = None, attention_only: bool = True) ->
         if repo is not None and path.resolve() == repo[1].resolve():
             return Source(_snapshot_of_repo_folder(path, revision), repo[0], repo[0], revision, partial=True)
         if revision is not None and repo is None:
-            raise InputError(f"--revision: {path} is a local path, not a Hub model id or cache folder")
+            raise InputError(f"{arg('revision')}: {path} is a local path, not a Hub model id or cache folder")
         if repo is not None:
             return Source(path, repo[0], repo[0], revision, partial=True)
         return Source(path)

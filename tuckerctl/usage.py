@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, arg
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -23,9 +23,10 @@ def parse_layer_spec(text: str) -> list[tuple[int, int]]:
         try:
             lo, hi = int(a), int(b) if sep else int(a)
         except ValueError:
-            raise InputError(f"--layers: cannot parse {part.strip()!r} (use e.g. 0,5-7; layers count from 0)") from None
+            raise InputError(f"{arg('layers')}: cannot parse {part.strip()!r} (use e.g. 0,5-7; layers count "
+                             "from 0)") from None
         if lo > hi:
-            raise InputError(f"--layers: {part.strip()!r} is a reversed range (did you mean {hi}-{lo}?)")
+            raise InputError(f"{arg('layers')}: {part.strip()!r} is a reversed range (did you mean {hi}-{lo}?)")
         spans.append((lo, hi))
     return spans
 
@@ -55,8 +56,8 @@ def check_checkpoint_source(source: str) -> None:
 def check_ranks_options(ranks: str | None, ranks_post: str | None, energy, params) -> None:
     """compress: exactly one way of choosing ranks; --ranks-post only beside --ranks."""
     if ranks_post is not None and ranks is None:
-        raise InputError("--ranks-post needs --ranks (the pre-softmax ranks), e.g. --ranks 8,64,32 "
-                         "--ranks-post 8,64,32")
-    chosen = [n for n, v in (("--ranks", ranks), ("--energy", energy), ("--params", params)) if v is not None]
+        raise InputError(f"{arg('ranks_post')} needs {arg('ranks')} (the pre-softmax ranks), e.g. "
+                         f"{arg('ranks', '8,64,32')} {arg('ranks_post', '8,64,32')}")
+    chosen = [n for n, v in (("ranks", ranks), ("energy", energy), ("params", params)) if v is not None]
     if len(chosen) > 1:
-        raise InputError(f"{' and '.join(chosen)}: choose one way of setting the ranks")
+        raise InputError(f"{' and '.join(map(arg, chosen))}: choose one way of setting the ranks")

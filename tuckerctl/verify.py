@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .adapters import detect
 from .device import resolve_device
-from .errors import InputError
+from .errors import InputError, arg
 from .loader import iter_layers, open_checkpoint
 from .multilinear import HeadStack
 from .nn import TuckerAttention
@@ -123,8 +123,8 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
            check_hash: bool = True) -> dict:
     """Check every layer of ``compressed`` against the ``against`` checkpoint."""
     if tokens < 1:
-        raise InputError(f"--tokens: {tokens} must be positive")
-    non_negative(max_error, "--max-error")  # NaN too: a check against NaN could never fail
+        raise InputError(f"{arg('tokens')}: {tokens} must be positive")
+    non_negative(max_error, "max_error")  # NaN too: a check against NaN could never fail
     dev = resolve_device(device)
     start = time.perf_counter()
     from .lowrank import is_lowrank
