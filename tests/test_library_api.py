@@ -4,7 +4,6 @@ forms still work and give the same result."""
 from pathlib import Path
 
 import pytest
-
 from oracle import run_cli
 
 from tuckerctl.analysis import analyze

@@ -65,16 +65,13 @@ def test_smollm2_full_rank_compression_is_exact(smollm2_full_rank):
     assert len(doc["check"]["layers"]) == 30
 
 
-@needs_smol
-def test_gguf_source_is_named_by_its_general_name():
+def test_gguf_source_is_named_by_its_general_name(smollm2_gguf):
     import gguf
 
-    from tuckerctl.loader import open_checkpoint
-
-    (path,) = SMOL.glob("*.gguf")
+    path = smollm2_gguf.path
     field = gguf.GGUFReader(path).fields["general.name"]  # read by gguf-py, the independent reader
     want = bytes(field.parts[field.data[0]]).decode()
-    assert open_checkpoint(path).name == want != path.stem
+    assert smollm2_gguf.name == want != path.stem
 
 
 def test_config_name_or_path_names_the_model(tmp_path):
