@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .options import compress_choice, parse_ranks
 from .outputs import claim
 from .ranks import tucker_params
+from .streams import StreamPool
 from .tucker_format import (
     PARTS,
     PER_HEAD,
@@ -376,21 +376,9 @@ def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_po
 
 def _concurrently(calls, dev: torch.device) -> list:
     """Results of ``calls``; on CUDA each runs in its own thread and stream (the two
-    tensors of a layer then share the GPU: one eigensolver leaves most of it idle).
-    Each call must finish its GPU work (e.g. copy its results to the host)."""
-    if dev.type != "cuda":
-        return [call() for call in calls]
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(dev))
-
-    def run(call):
-        stream = torch.cuda.Stream(dev)
-        with torch.cuda.device(dev), torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            return call()
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
+    tensors of a layer then share the GPU: one eigensolver leaves most of it idle)."""
+    with StreamPool(dev, len(calls) if dev.type == "cuda" else 1) as pool:
+        return [job.result() for job in [pool.submit(call) for call in calls]]
 
 
 def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post: Sequence[int] | str | None = None,
