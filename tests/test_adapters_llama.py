@@ -307,7 +307,7 @@ def test_tensor_that_layer_0_lacks(extra, tmp_path_factory, tmp_path):
 def test_no_config_needs_heads(tmp_path_factory, tmp_path):
     _, path = build("llama_gqa_bias", tmp_path_factory)
     bare = copy_model(path, tmp_path / "bare", config=False)
-    one_line_error(lambda: read(bare), "--heads")
+    one_line_error(lambda: read(bare), "give config, or heads (and kv_heads/head_dim where needed)")
 
 
 @pytest.mark.parametrize("name, given", [

@@ -1,6 +1,7 @@
 """The library API takes typed values (the CLI parses strings at its boundary); the old text
 forms still work and give the same result."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,14 @@ def test_errors_name_keyword_arguments_for_the_library_and_options_for_the_cli(t
     cli = run_cli("compress", EXAMPLE, "-o", tmp_path / "b", "--ranks", "2,4,4", "--method", "svd")
     assert cli.code == 2 and "error: --method svd takes --params or --energy, not --ranks" in cli.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(EXAMPLE / "model.safetensors", bare)  # no config.json
+    with pytest.raises(InputError) as lib:
+        analyze(bare, device="cpu")
+    assert str(lib.value).endswith("give config, or heads (and kv_heads/head_dim where needed)")
+    cli = run_cli("analyze", bare)
+    assert cli.code == 2 and "give --config, or --heads (and --kv-heads/--head-dim where needed)" in cli.stderr
 
 
 def test_compressed_layer_unpacks_like_a_tensorly_tucker(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, arg
 from .outputs import claim
 from .tucker_format import AUX_FILES, QK_INPUT, TENSOR_PREFIX, TuckerLayer, load
 
@@ -65,7 +65,7 @@ def materialise(layer: TuckerLayer, spec: dict) -> dict:
     else:
         if spec.get("rope") or spec.get("qk_norm"):
             raise InputError(f"layer {layer.index}: the tucker structure of a RoPE/qk-norm model has no exact "
-                             f"per-head form; compress with --structure qk-input to export")
+                             f"per-head form; compress with {arg('structure', 'qk-input')} to export")
         U1, U2, U3 = (f(t) for t in layer.pre_factors)
         M = torch.einsum("hj,jab->hab", U1, f(layer.pre_core))
         Lc, Rc, pre_err = _group_split(M, G, dh)

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, arg
 from .families import FAMILIES
 from .tucker_format import QK_INPUT, TUCKER, TuckerLayer, load
 
@@ -261,7 +261,7 @@ def patch(model: nn.Module, path, layers=None) -> nn.Module:
         if layer.structure == TUCKER and spec.get("rope"):
             raise InputError(f"{path}: layer {i} uses the tucker structure on a RoPE model, which the model's own "
                              f"RoPE cannot run (latent RoPE is an approximation: tuckerctl.nn.TuckerAttention); "
-                             f"compress with --structure qk-input")
+                             f"compress with {arg('structure', 'qk-input')}")
         names = layer.info["source_tensors"]
         by_leaf = {n.rsplit(".", 2)[-2]: n for n in names if n.endswith(".weight")}
         missing = [leaf for leaf in (*qkv_leaves, out_leaf) if leaf not in by_leaf]
@@ -274,7 +274,7 @@ def patch(model: nn.Module, path, layers=None) -> nn.Module:
         fixed = layout in ("interleaved", "fixed")
         if fixed and layer.structure != QK_INPUT:
             raise InputError(f"{path}: layer {i}: {family} reshapes q/k/v with a fixed head count, which only the "
-                             f"qk_input structure fits; compress with --structure qk-input")
+                             f"qk_input structure fits; compress with {arg('structure', 'qk-input')}")
         q, k, v, o, info = _projections(layer, spec["d"], dh, param.dtype, spec["heads"] * dh if fixed else None)
         if fixed and info["widths"][:2] != (spec["heads"] * dh,) * 2:
             raise InputError(f"{path}: layer {i}: {family} needs as many key heads as query heads")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from ..checkpoint import Checkpoint
-from ..errors import InputError
+from ..errors import InputError, arg
 from ..families import FAMILIES
 from . import encoders, fused, mla
 from .base import D_KEYS, HEAD_KEYS, KV_KEYS, Adapter, LayerWeights, ModelSpec, cfg_get
@@ -72,11 +72,11 @@ def detect(ckpt: Checkpoint, heads: int | None = None, kv_heads: int | None = No
                    if a.signature and any(re.search(a.signature + "$", n) for n in ckpt.names())]
         if not matches:
             raise InputError(f"{ckpt.path}: no config.json and no known attention tensor names; "
-                             f"give --config or --family")
+                             f"give {arg('config')} or {arg('family')}")
         adapter = matches[0]
         if heads is None:
-            raise InputError(f"{ckpt.path}: no config.json beside it: give --config, or --heads "
-                             f"(and --kv-heads/--head-dim where needed)")
+            raise InputError(f"{ckpt.path}: no config.json beside it: give {arg('config')}, or {arg('heads')} "
+                             f"(and {arg('kv_heads')}/{arg('head_dim')} where needed)")
     spec = adapter.spec(ckpt, cfg, {k: v for k, v in overrides.items() if v is not None})
     if not ckpt.config:
         spec.notes.insert(0, f"no config.json: structure inferred from tensor names and --heads={heads}")

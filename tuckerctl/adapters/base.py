@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import Checkpoint
-from ..errors import InputError
+from ..errors import InputError, arg
 from ..multilinear import HeadStack
 
 
@@ -153,10 +153,10 @@ def hidden_size(cfg: dict, fallback: int, notes: list, what: str) -> int:
 
 def require_heads(cfg: dict, src: str) -> int:
     """The query head count H from the config (any alias); without one, the one error every
-    family gives (the CLI's --heads supplies it)."""
+    family gives (the ``heads`` argument, the CLI's --heads, supplies it)."""
     H = cfg_get(cfg, *HEAD_KEYS)
     if H is None:
-        raise InputError(f"{src}: missing field 'num_attention_heads' (give --heads)")
+        raise InputError(f"{src}: missing field 'num_attention_heads' (give {arg('heads')})")
     return H
 
 
