@@ -35,8 +35,8 @@ from .tucker_format import (
     SCHEMA,
     TENSOR_PREFIX,
     TUCKER,
-    content_hash,
     factor_name,
+    source_record,
     write_checkpoint,
 )
 from .verify import worst
@@ -495,7 +495,7 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
     info = {
         "schema": SCHEMA,
         "tool_version": __version__,
-        "source": {"path": str(path), "format": ckpt.format, "sha256": content_hash(ckpt, sorted(replaced))},
+        "source": source_record(path, ckpt, replaced),
         "model": spec.as_dict(),
         "structure": kind,
         "flags": {

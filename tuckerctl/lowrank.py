@@ -251,7 +251,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
     from . import __version__
     from .compress import STORE_DTYPES, calibration_record
     from .loader import iter_layers
-    from .tucker_format import content_hash, write_checkpoint
+    from .tucker_format import source_record, write_checkpoint
 
     store = STORE_DTYPES[dtype]
 
@@ -330,7 +330,7 @@ def compress_lowrank(path, out, ckpt, adapter, spec, indices, dev, calib, *, ene
     info = {
         "schema": SCHEMA,
         "tool_version": __version__,
-        "source": {"path": str(path), "format": ckpt.format, "sha256": content_hash(ckpt, sorted(replaced))},
+        "source": source_record(path, ckpt, replaced),
         "model": spec.as_dict(),
         "settings": {"method": "svd", "tensors": tensors, "energy": energy, "params": params, "dtype": dtype,
                      "device": str(dev), "calibration": calibration_record(calibrate, calib)},

@@ -91,6 +91,12 @@ def content_hash(ckpt: Checkpoint, names: list[str]) -> str:
     return h.hexdigest()
 
 
+def source_record(path, ckpt: Checkpoint, names) -> dict:
+    """A compressed checkpoint's ``source`` record (both methods): the source's path and
+    format, and the :func:`content_hash` of the tensors it was made from."""
+    return {"path": str(path), "format": ckpt.format, "sha256": content_hash(ckpt, sorted(names))}
+
+
 # ------------------------------------------------------------------ writing
 
 # Files beside the weights that users expect to travel with a model.

@@ -110,12 +110,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
-def _check_same_model(stored: dict, path, spec, against) -> None:
-    """InputError unless the model record ``stored`` (of the checkpoint ``path``) describes ``spec``."""
+def _open_source(against, config, info: dict, path, check_hash: bool):
+    """Open and detect ``against`` as the source of the compressed checkpoint ``path`` whose
+    metadata is ``info``: (checkpoint, adapter, spec), or an InputError when it is another
+    model (structure), lacks a tensor ``path`` was made from, or holds other weights (hash)."""
+    stored = info.get("model") or {}
+    ckpt = open_checkpoint(against, config)
+    overrides = {} if ckpt.config else {k: stored.get(k) for k in ("heads", "kv_heads", "head_dim")}
+    adapter, spec = detect(ckpt, family=stored.get("family"), **overrides)
     for key in ("family", "layers", "d", "heads", "kv_heads", "head_dim"):
         if stored.get(key) != getattr(spec, key):
             raise InputError(f"{path} was compressed from a different model than {against}: "
                              f"{key} {stored.get(key)} vs {getattr(spec, key)}")
+    names = sorted({n for rec in info["layers"] for n in rec["source_tensors"]})
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise InputError(f"{against}: missing tensor {missing[0]!r} that {path} was compressed from")
+    sha = (info.get("source") or {}).get("sha256")
+    if check_hash and sha and content_hash(ckpt, names) != sha:
+        raise InputError(f"{path} was compressed from different weights than {against} (content hash mismatch)")
+    return ckpt, adapter, spec
 
 
 def verify(compressed, against, *, max_error: float | None = None, tokens: int = 64, seed: int = 0,
@@ -133,18 +147,7 @@ def verify(compressed, against, *, max_error: float | None = None, tokens: int =
         return _verify_lowrank(compressed, against, max_error=max_error, tokens=tokens, seed=seed, dev=dev,
                                config=config, progress=progress, check_hash=check_hash, start=start)
     tk = load(compressed)
-    ckpt = open_checkpoint(against, config)
-    overrides = {} if ckpt.config else {k: tk.spec.get(k) for k in ("heads", "kv_heads", "head_dim")}
-    adapter, spec = detect(ckpt, family=tk.spec.get("family"), **overrides)
-    _check_same_model(tk.spec, tk.path, spec, against)
-    source = tk.info["source"]
-    names = sorted({n for rec in tk.info["layers"] for n in rec["source_tensors"]})
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise InputError(f"{against}: missing tensor {missing[0]!r} that {tk.path} was compressed from")
-    if check_hash and source.get("sha256") and content_hash(ckpt, names) != source["sha256"]:
-        raise InputError(f"{tk.path} was compressed from different weights than {against} "
-                         f"(content hash mismatch)")
+    ckpt, adapter, spec = _open_source(against, config, tk.info, tk.path, check_hash)
     causal = bool(spec.extras.get("causal", True))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, spec.d, generator=gen, dtype=torch.float64).to(dev)
@@ -250,18 +253,8 @@ def _verify_lowrank(compressed, against, *, max_error, tokens, seed, dev, config
     ck = open_checkpoint(path)
     info = json.loads(ck.metadata["tuckerctl"])
     digests = digests_of(path, info)
-    model = info.get("model") or {}
-    ckpt = open_checkpoint(against, config)
-    overrides = {} if ckpt.config else {k: model.get(k) for k in ("heads", "kv_heads", "head_dim")}
-    adapter, spec = detect(ckpt, family=model.get("family"), **overrides)
-    _check_same_model(model, path, spec, against)
+    ckpt, adapter, spec = _open_source(against, config, info, path, check_hash)
     records = {rec["index"]: rec for rec in info["layers"]}
-    names = sorted({n for rec in records.values() for n in rec["source_tensors"]})
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise InputError(f"{against}: missing tensor {missing[0]!r} that {path} was compressed from")
-    if check_hash and info["source"].get("sha256") and content_hash(ckpt, names) != info["source"]["sha256"]:
-        raise InputError(f"{path} was compressed from different weights than {against} (content hash mismatch)")
 
     def stored(name: str) -> torch.Tensor:
         check_digest(ck, digests, name)
