@@ -254,8 +254,24 @@ def _side_singular(red: Reduced, left: bool, k: int | None = None) -> tuple[Tens
     if pb.gram:
         vals, vecs = _top_eigvecs(pb.matrix, k)
         return vals.sqrt(), vecs
-    U, S, _ = torch.linalg.svd(pb.matrix, full_matrices=False)
+    U, S = _thin_svd(pb.matrix)
     return S, U[:, :k]
+
+
+def _thin_svd(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors and singular values of X (thin). LAPACK (MKL) was 3-20x faster on
+    the tall orientation (512 x 2048: 2.9 s wide, 0.7 s tall, 2 cores), so a wide X is
+    decomposed as X^T, whose right singular vectors are X's left ones."""
+    if X.shape[0] < X.shape[1]:
+        _, S, Vh = torch.linalg.svd(X.T, full_matrices=False)
+        return Vh.T, S
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return U, S
+
+
+def _svdvals(X: Tensor) -> Tensor:
+    """Singular values of X, from the tall orientation (see ``_thin_svd``)."""
+    return torch.linalg.svdvals(X.T if X.shape[0] < X.shape[1] else X)
 
 
 def _left_side(red: Reduced, k: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -271,7 +287,7 @@ def _side_vectors(red: Reduced, left: bool, k: int, eig_dtype: torch.dtype | Non
     pb = _side_problem(red, left)
     if pb.gram:
         return _top_eigvecs(pb.matrix, k, eig_dtype)[1]
-    return torch.linalg.svd(pb.matrix, full_matrices=False)[0][:, :k]
+    return _thin_svd(pb.matrix)[0][:, :k]
 
 
 def _top_eigvecs(gram: Tensor, k: int, eig_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -316,7 +332,7 @@ class SpectrumProblem:
         for a bf16 checkpoint) runs a Gram's eigensolver in that precision: its error is
         about sqrt(eps) sigma_1 for the smallest values (3.5e-4 sigma_1 in float32)."""
         if not self.gram:
-            return torch.linalg.svdvals(self.matrix)
+            return _svdvals(self.matrix)
         g = self.matrix if eig_dtype is None else self.matrix.to(eig_dtype)
         return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt().to(self.matrix.dtype)
 
@@ -368,7 +384,7 @@ def mode_spectra_with_bases(red: Reduced) -> tuple[ModeSpectra, tuple[Tensor, Te
             values.append(vals.flip(0).clamp_min(0).sqrt())
             bases.append(vecs.flip(1)[:, :k])
         else:
-            U, S, _ = torch.linalg.svd(pb.matrix, full_matrices=False)
+            U, S = _thin_svd(pb.matrix)
             values.append(S)
             bases.append(U[:, :k])
     return ModeSpectra(*values, g1), tuple(bases)
