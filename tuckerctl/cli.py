@@ -555,7 +555,7 @@ def heal(
              "next-token KL divergence to the original (0: off).")] = 0,
     kl_lr: Annotated[float | None, typer.Option(
         "--kl-lr",
-        help="Peak step size of the end-to-end pass, relative to each tensor's RMS [default: 0.003].")] = None,
+        help="Peak step size of the end-to-end pass, relative to each tensor's RMS [default: 0.001].")] = None,
     seq_len: Annotated[int, typer.Option(
         "--seq-len", help="Tokens per window.")] = 256,
     batch: Annotated[int, typer.Option(

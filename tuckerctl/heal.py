@@ -64,7 +64,7 @@ CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
 VALIDATE_EVERY = 10
 LR = 0.003  # default peak step of the layer-wise pass (README: the sweeps)
 WARMUP = 0.3  # default warm-up fraction of both passes: near-exact checkpoints need small first steps
-KL_LR = 0.003  # default peak step of the end-to-end pass (README: the sweep)
+KL_LR = 0.001  # default peak step of the end-to-end pass (README: 0.003 was unstable on SmolLM2, 0.001 helped)
 HEALABLE = families_of("LlamaLike")
 _QK_LEAVES, _OUT_LEAF = ("q_proj", "k_proj", "v_proj"), "o_proj"
 
