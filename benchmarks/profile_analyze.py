@@ -80,6 +80,25 @@ def stages(layer, dev, rope, groups, eps) -> dict:
     return out
 
 
+def largest_difference(a, b) -> float:
+    """Largest difference between two documents' numbers, relative to each list's (or number's)
+    largest magnitude; inf where their structure or any non-number differs."""
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            return float("inf")
+        return max((largest_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        if not isinstance(b, list) or len(a) != len(b):
+            return float("inf")
+        if a and all(isinstance(x, float) for x in a) and all(isinstance(x, float) for x in b):
+            scale = max(abs(x) for x in a) or 1.0
+            return max(abs(x - y) for x, y in zip(a, b)) / scale
+        return max((largest_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) / max(abs(a), 1e-300) if a != b else 0.0
+    return 0.0 if a == b else float("inf")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -114,6 +133,7 @@ def main(argv=None) -> int:
         rec["analyze"].append({"threads": threads, "layers": len(indices), "seconds": round(t, 2),
                                "per_layer_s": round(t / len(indices), 3)})
     rec["documents_equal"] = all(doc == docs[0] for doc in docs)
+    rec["max_relative_difference"] = [largest_difference(docs[0], doc) for doc in docs]
     text = json.dumps(rec, indent=1)
     print(text)
     if args.out:

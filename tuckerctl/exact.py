@@ -148,7 +148,9 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
             idx = torch.as_tensor(heads, device=Z.device)
             src = torch.as_tensor(sources, device=Z.device)
             pos = torch.searchsorted(src, red.group[idx])
-            M = torch.zeros(t, r, r, dtype=Z.dtype, device=Z.device).index_add_(0, pos, heads_gram[idx])
+            # Summed per stored group by a 0/1 GEMM: a fixed order (index_add_'s CUDA atomics vary).
+            onehot = (pos[None, :] == torch.arange(t, device=Z.device)[:, None]).to(Z.dtype)
+            M = (onehot @ heads_gram[idx].reshape(len(heads), r * r)).reshape(t, r, r)
             vals, vecs = torch.linalg.eigh(M)
             X = vecs * vals.clamp_min(0).sqrt()[:, None, :] @ vecs.transpose(1, 2)  # M_g^1/2
             Rs = red.rc[src].permute(1, 0, 2).reshape(q, t * r) @ torch.block_diag(*X)

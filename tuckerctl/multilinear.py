@@ -337,6 +337,13 @@ class SpectrumProblem:
         return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt().to(self.matrix.dtype)
 
 
+def group_sums(x: Tensor, groups: int) -> Tensor:
+    """(H, ...) -> (groups, ...): the sum over the heads of each group (h // (H / groups), as
+    ``HeadStack.group_of``), in a fixed order. (``index_add_`` sums with atomics on CUDA, in an
+    order that varies from run to run: documents differed in the last bits.)"""
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).sum(1)
+
+
 def _side_problem(red: Reduced, left: bool) -> SpectrumProblem:
     H, p, r = red.lc.shape
     G, q, _ = red.rc.shape
@@ -346,9 +353,7 @@ def _side_problem(red: Reduced, left: bool) -> SpectrumProblem:
         return SpectrumProblem(_sandwich_sum(red.lc, (red.rc.transpose(1, 2) @ red.rc)[red.group]), True)
     if min(q, H * min(p, r)) <= _GRAM_ABOVE:
         return SpectrumProblem(_right_unfolding_core(red), False)
-    w = torch.zeros(G, r, r, dtype=red.lc.dtype, device=red.lc.device)
-    w.index_add_(0, red.group, red.lc.transpose(1, 2) @ red.lc)
-    return SpectrumProblem(_sandwich_sum(red.rc, w), True)
+    return SpectrumProblem(_sandwich_sum(red.rc, group_sums(red.lc.transpose(1, 2) @ red.lc, G)), True)
 
 
 def spectrum_problems(red: Reduced) -> tuple[Tensor, list[SpectrumProblem]]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .multilinear import HeadStack, ModeSpectra, Reduced, _sandwich_sum, _top_eigvecs, reduce
+from .multilinear import HeadStack, ModeSpectra, Reduced, _sandwich_sum, _top_eigvecs, group_sums, reduce
 
 DEFAULT_OFFSETS = 2048
 
@@ -117,8 +117,7 @@ def _side_grams(red: Reduced, avg: Averager) -> tuple[Tensor, Tensor]:
     mbar = avg(red.rc.transpose(1, 2) @ red.rc)  # (G, r, r)
     left = _sandwich_sum(red.lc, mbar[red.group])
     nbar = avg(red.lc.transpose(1, 2) @ red.lc, sign=-1)  # (H, r, r)
-    w = torch.zeros(G, *nbar.shape[1:], dtype=nbar.dtype, device=nbar.device).index_add_(0, red.group, nbar)
-    right = _sandwich_sum(red.rc, w)
+    right = _sandwich_sum(red.rc, group_sums(nbar, G))
     return left, right
 
 

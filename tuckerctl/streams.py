@@ -29,6 +29,12 @@ class StreamPool:
         self._cuda = device.type == "cuda"
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="tuckerctl-solver") if self.size > 1 else None
+        if self._cuda and self._pool is not None:
+            # torch loads its CUDA linear-algebra library on first use, and two threads doing so at
+            # once fail ("lazy wrapper should be called at most once"): load it here, in one thread.
+            x = torch.eye(2, dtype=torch.float64, device=device)
+            torch.linalg.eigvalsh(x), torch.linalg.eigh(x), torch.linalg.qr(x), torch.linalg.svdvals(x)
+            torch.cuda.synchronize(device)
 
     def submit(self, fn: Callable, *args) -> Future:
         if self._pool is None:
