@@ -384,9 +384,10 @@ def test_heal_function_refuses_bad_end_to_end_values(tiny, tmp_path):
     from oracle import one_line_error
 
     src, comp, text, _ = tiny
-    for kwargs, needle in (({"kl_steps": -1}, "--kl-steps"), ({"steps": 0}, "--steps"),
-                           ({"kl_steps": 2, "kl_lr": float("nan")}, "--kl-lr"),
-                           ({"kl_steps": 2, "kl_lr": -1.0}, "--kl-lr"), ({"warmup": 1.0}, "warmup"),
+    for kwargs, needle in (({"kl_steps": -1}, "kl_steps: -1"),
+                           ({"steps": 0}, "steps: 0 layer-wise steps and no kl_steps"),
+                           ({"kl_steps": 2, "kl_lr": float("nan")}, "kl_lr: nan"),
+                           ({"kl_steps": 2, "kl_lr": -1.0}, "kl_lr: -1.0"), ({"warmup": 1.0}, "warmup"),
                            ({"warmup": -0.1}, "warmup")):
         one_line_error(lambda kw=kwargs: heal(comp, src, text, tmp_path / "x", **kw), needle)
     assert not (tmp_path / "x").exists()

@@ -18,11 +18,12 @@ matrices and cores differ in scale by orders of magnitude), linear warm-up over 
 30% of the steps, cosine decay to 10%. Adam's first steps are sign-like (each entry
 moves by about its step size whatever the gradient's size), so on a checkpoint that is
 already close to its original a short warm-up throws it further away than the healing
-text can bring it back; a long warm-up and a smaller peak step fix that (README: sweep). After every step the factor matrices are re-orthonormalised by a QR
-retraction whose triangular factor is pushed into the per-head coordinates or the
-core (``U <- Q``, ``Q_h <- R Q_h``; ``core x_k R``): the represented attention is
-unchanged, the factors stay orthonormal as the format promises and all scale lives in
-the small per-head / core tensors, which keeps the gauge fixed (``U G, G^-1 Q`` would
+text can bring it back; a long warm-up and a smaller peak step fix that (README: sweep).
+After every step the factor matrices are re-orthonormalised by a QR retraction whose
+triangular factor is pushed into the per-head coordinates or the core (``U <- Q``,
+``Q_h <- R Q_h``; ``core x_k R``): the represented attention is unchanged, the factors
+stay orthonormal as the format promises and all scale lives in the small per-head / core
+tensors, which keeps the gauge fixed (``U G, G^-1 Q`` would
 otherwise drift into ill-conditioned pairs). The loss on held-out windows of the
 healing text is measured every few steps; the best iterate is kept, so a layer is
 never left worse than it came in on that held-out part.
@@ -56,8 +57,9 @@ from torch import Tensor, nn
 from . import __version__
 from .calibrate import read_text, token_ids
 from .device import resolve_device
-from .errors import InputError
+from .errors import InputError, arg
 from .families import families_of
+from .patching import Factored
 from .tucker_format import PER_HEAD, QK_INPUT, TuckerLayer, factor_name, load, write_checkpoint
 
 CAPTURE_BYTES = 2 * 1024 ** 3  # teacher activations kept at once (float32)
@@ -143,18 +145,6 @@ class PerHeadOutput(nn.Module):
         w = torch.einsum("...hb,hbe,hae->...ha", v, Vg, self.output_heads)
         y = torch.einsum("...ha,da->...d", w, self.output)
         return y if self.bias is None else y + self.bias
-
-
-class Factored(nn.Module):
-    """``up(down(x))`` (``up`` may be None)."""
-
-    def __init__(self, down: nn.Module, up: nn.Module | None):
-        super().__init__()
-        self.down, self.up = down, up
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.down(x)
-        return z if self.up is None else self.up(z)
 
 
 def whole_sides(tk, layer: TuckerLayer) -> set[str]:
@@ -462,7 +452,7 @@ def _windows(ids: Tensor, seq_len: int, batch: int) -> tuple[list[Tensor], list[
     """(train batches, validation batches) of whole windows; every 8th window is held out."""
     n = ids.numel() // seq_len
     if n < 2:
-        raise InputError(f"--tokens: need at least two windows of {seq_len} tokens (got {ids.numel()} tokens)")
+        raise InputError(f"{arg('tokens')}: need at least two windows of {seq_len} tokens (got {ids.numel()} tokens)")
     wins = ids[:n * seq_len].reshape(n, seq_len)
     val_idx = list(range(7, n, 8)) or [n - 1]
     train_idx = [k for k in range(n) if k not in val_idx]
@@ -480,15 +470,15 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     ``kl_steps``: steps of the end-to-end KL pass that follows (0: none); ``kl_lr``: its peak
     step (None: ``KL_LR``)."""
     kl_lr = KL_LR if kl_lr is None else kl_lr
-    for name, value, least in (("--tokens", tokens, 2), ("--steps", steps, 0), ("--kl-steps", kl_steps, 0),
-                               ("--seq-len", seq_len, 2), ("--batch", batch, 1)):
+    for name, value, least in (("tokens", tokens, 2), ("steps", steps, 0), ("kl_steps", kl_steps, 0),
+                               ("seq_len", seq_len, 2), ("batch", batch, 1)):
         if value < least:
-            raise InputError(f"{name}: {value} must be at least {least}")
+            raise InputError(f"{arg(name)}: {value} must be at least {least}")
     if steps == 0 and kl_steps == 0:
-        raise InputError("--steps: 0 layer-wise steps and no --kl-steps leave nothing to do")
-    for name, value in (("--lr", lr), ("--kl-lr", kl_lr)):
+        raise InputError(f"{arg('steps')}: 0 layer-wise steps and no {arg('kl_steps')} leave nothing to do")
+    for name, value in (("lr", lr), ("kl_lr", kl_lr)):
         if not (math.isfinite(value) and value > 0):
-            raise InputError(f"{name}: {value} must be a positive number")
+            raise InputError(f"{arg(name)}: {value} must be a positive number")
     if not 0 <= warmup < 1:
         raise InputError(f"warmup: {warmup} must be a fraction of the steps in [0, 1)")
     compressed, against, out = Path(compressed), Path(against), Path(out)
@@ -503,13 +493,13 @@ def heal(compressed, against, text, out, *, tokens: int = 8192, steps: int = 100
     tucker_layers = [t.index for t in layers if t.structure != QK_INPUT]
     if tucker_layers:
         raise InputError(f"{compressed}: layer {tucker_layers[0]} uses the tucker structure; heal trains the "
-                         f"qk_input structure (compress with --structure qk-input)")
+                         f"qk_input structure (compress with {arg('structure', 'qk-input')})")
     for p in (against, Path(text)):
         r = p.resolve()
         if out.resolve() == r or r.is_relative_to(out.resolve()) or out.resolve().is_relative_to(r):
             raise InputError(f"{out}: refusing to write over or inside the input {p}")
     if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (use --overwrite to replace it)")
+        raise InputError(f"{out}: already exists (use {arg('overwrite', True)} to replace it)")
     dev = resolve_device(device)
     torch.manual_seed(seed)
     start = time.perf_counter()

@@ -65,7 +65,7 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 class Factored(nn.Module):
     """``up(down(x))``: an input-side projection to a latent, then per-head coordinates."""
 
-    def __init__(self, down: nn.Linear, up: nn.Linear | None):
+    def __init__(self, down: nn.Module, up: nn.Module | None):
         super().__init__()
         self.down, self.up = down, up
 
