@@ -47,6 +47,31 @@ def save_llama(path, **config):
 _BUILT: dict = {}
 
 
+def save_llama_attention(path, dtype, seed: int, layers: int = 5, d: int = 48, heads: int = 6, groups: int = 2,
+                         head_dim: int = 8):
+    """A Llama-named GQA checkpoint with random attention tensors (and input norms) only, in
+    ``dtype``, with its config.json: what analyze/compress read, nothing a model would run."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        a = f"model.layers.{i}.self_attn."
+        tensors.update({a + "q_proj.weight": torch.randn(heads * head_dim, d, generator=g),
+                        a + "k_proj.weight": torch.randn(groups * head_dim, d, generator=g),
+                        a + "v_proj.weight": torch.randn(groups * head_dim, d, generator=g),
+                        a + "o_proj.weight": torch.randn(d, heads * head_dim, generator=g),
+                        f"model.layers.{i}.input_layernorm.weight": 1 + 0.1 * torch.randn(d, generator=g)})
+    path.mkdir()
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": d, "num_attention_heads": heads, "num_key_value_heads": groups,
+        "head_dim": head_dim, "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}))
+    return path
+
+
 def build_case(cases: dict, name: str, tmp_path_factory):
     """Save ``cases[name] = (model_cls, config, ...)`` once per session; return (model, dir)."""
     key = (id(cases), name)

@@ -8,33 +8,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from oracle import save_llama_attention
+from safetensors.torch import load_file
 
 from tuckerctl.analysis import analyze
 from tuckerctl.checkpoint import read_header
 from tuckerctl.compress import compress
 from tuckerctl.multilinear import HeadStack, reduce, spectrum_problems
 
-D, H, G, DH, LAYERS = 48, 6, 2, 8, 5
-
-
-def write_model(path, dtype):
-    """A 5-layer Llama-named GQA checkpoint (attention tensors only) with its config."""
-    g = torch.Generator().manual_seed(7)
-    tensors = {}
-    for i in range(LAYERS):
-        a = f"model.layers.{i}.self_attn."
-        tensors.update({a + "q_proj.weight": torch.randn(H * DH, D, generator=g),
-                        a + "k_proj.weight": torch.randn(G * DH, D, generator=g),
-                        a + "v_proj.weight": torch.randn(G * DH, D, generator=g),
-                        a + "o_proj.weight": torch.randn(D, H * DH, generator=g),
-                        f"model.layers.{i}.input_layernorm.weight": 1 + 0.1 * torch.randn(D, generator=g)})
-    path.mkdir()
-    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": D, "num_attention_heads": H, "num_key_value_heads": G,
-        "head_dim": DH, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-6}))
-    return path
+LAYERS = 5  # save_llama_attention's default
 
 
 def torchrun(*args):
@@ -54,7 +36,7 @@ def without_timing(doc):
 
 @pytest.mark.slow
 def test_analyze_two_ranks_equals_one_process(tmp_path):
-    model = write_model(tmp_path / "m", torch.bfloat16)
+    model = save_llama_attention(tmp_path / "m", torch.bfloat16, seed=7)
     single = analyze(model, device="cpu")
     out = tmp_path / "two.json"
     res = torchrun("analyze", model, "--device", "cpu", "--quiet", "--output", out)
@@ -66,7 +48,7 @@ def test_analyze_two_ranks_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_compress_two_ranks_equals_one_process(tmp_path):
-    model = write_model(tmp_path / "m", torch.float32)
+    model = save_llama_attention(tmp_path / "m", torch.float32, seed=7)
     one = compress(model, tmp_path / "one", params=0.5, hooi_iters=1, device="cpu")
     torchrun("compress", model, "-o", tmp_path / "two", "--params", "0.5", "--hooi-iters", "1",
              "--device", "cpu", "--no-check", "--quiet")

@@ -6,31 +6,12 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from oracle import save_llama_attention
 
 from tuckerctl import analysis
 from tuckerctl.streams import StreamPool
 
-D, H, G, DH, LAYERS = 48, 6, 2, 8, 5
-
-
-def write_model(path):
-    """A 5-layer Llama-named GQA checkpoint in bf16 (attention tensors only) with its config."""
-    g = torch.Generator().manual_seed(11)
-    tensors = {}
-    for i in range(LAYERS):
-        a = f"model.layers.{i}.self_attn."
-        tensors.update({a + "q_proj.weight": torch.randn(H * DH, D, generator=g),
-                        a + "k_proj.weight": torch.randn(G * DH, D, generator=g),
-                        a + "v_proj.weight": torch.randn(G * DH, D, generator=g),
-                        a + "o_proj.weight": torch.randn(D, H * DH, generator=g),
-                        f"model.layers.{i}.input_layernorm.weight": 1 + 0.1 * torch.randn(D, generator=g)})
-    path.mkdir()
-    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": D, "num_attention_heads": H, "num_key_value_heads": G,
-        "head_dim": DH, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}))
-    return path
+LAYERS = 5  # save_llama_attention's default
 
 
 def without_timing(doc):
@@ -57,7 +38,7 @@ def run(monkeypatch, model, device, threads):
 
 
 def test_threaded_pipeline_gives_the_sequential_document(tmp_path, monkeypatch):
-    model = write_model(tmp_path / "m")
+    model = save_llama_attention(tmp_path / "m", torch.bfloat16, seed=11)
     one, seen_one = run(monkeypatch, model, "cpu", None)  # the CPU default: inline
     assert seen_one == {threading.current_thread().name}
     three, seen_three = run(monkeypatch, model, "cpu", 3)
@@ -82,7 +63,7 @@ def test_pool_runs_inline_with_one_thread_and_raises_where_asked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_streams_give_the_one_stream_document(tmp_path, monkeypatch):
-    model = write_model(tmp_path / "m")
+    model = save_llama_attention(tmp_path / "m", torch.bfloat16, seed=11)
     # Streams first: torch's first CUDA linear algebra from several threads at once failed
     # ("lazy wrapper should be called at most once") before StreamPool loaded it up front.
     streams, seen = run(monkeypatch, model, "cuda", None)  # the CUDA default: SOLVER_STREAMS streams
