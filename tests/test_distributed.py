@@ -76,3 +76,22 @@ def test_float32_eigensolver_within_its_stated_error():
         assert s32.dtype == torch.float64 and s32.shape == s64.shape
         err = float((s32 - s64).abs().max() / s64[0])
         assert err < 3.5e-4, err
+
+
+@pytest.mark.parametrize("env, cores, expected", [
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 32, "OMP_NUM_THREADS=16"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 8, "OMP_NUM_THREADS=4"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, 2, None),  # one core each: right
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "8"}, 32, None),  # the user chose
+    ({"WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}, 32, None),  # not under torchrun
+])
+def test_thread_hint_only_when_torchrun_left_cores_idle(monkeypatch, env, cores, expected):
+    from tuckerctl.distributed import thread_hint
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    hint = thread_hint()
+    assert hint is None if expected is None else (expected in hint and "\n" not in hint)

@@ -221,9 +221,11 @@ def _checked_sources(sources: list[str], layers: str | None) -> list[str]:
 
 def _analysis_docs(sources: list[str], quiet: bool, show: bool, wide: bool = False, **options) -> list[dict]:
     """Analyse each source in turn (printing its table unless quiet/``show`` is off)."""
-    from .distributed import is_writer, leave
+    from .distributed import is_writer, leave, thread_hint
 
     quiet = quiet or not is_writer()  # under torchrun only rank 0 shows progress and tables
+    if not quiet and (hint := thread_hint()):
+        err.print(hint, highlight=False)
     docs = []
     for k, src in enumerate(sources):
         what = f"analyze {src}" + ("" if len(sources) == 1 else f" ({k + 1}/{len(sources)})")
@@ -409,10 +411,12 @@ def compress(
     claim(out, "checkpoint", inputs=[path, config, calibrate], overwrite=overwrite)
     output = claim_json(output, [path, config, calibrate, out], overwrite)
     from .compress import compress as run
-    from .distributed import is_writer, leave
+    from .distributed import is_writer, leave, thread_hint
     from .tables import print_compress, print_verify
     from .verify import verify
 
+    if is_writer() and not quiet and (hint := thread_hint()):
+        err.print(hint, highlight=False)
     callback, ctx = _progress(quiet or not is_writer(), "compress")
     try:
         with ctx:
