@@ -19,6 +19,7 @@ Pure functions of a head stack (torch, no I/O), computed from the factors like e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -216,12 +217,7 @@ def gqa_errors(stack: HeadStack | Reduced, groups: int | Sequence[int], width: i
     red = stack if isinstance(stack, Reduced) else reduce(stack)
     norm_sq = float(frobenius_norm_sq(red))
     Z = _key_side_blocks(red)
-    sim = [None]  # the heads' similarity, computed once for every regrouping
-
-    def similarity() -> Tensor:
-        if sim[0] is None:
-            sim[0] = _key_side_similarity(Z)
-        return sim[0]
+    similarity = functools.cache(lambda: _key_side_similarity(Z))  # once for every regrouping
 
     if isinstance(groups, int):
         return _gqa_errors(Z, norm_sq, groups, width, red, similarity)
