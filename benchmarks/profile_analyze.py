@@ -7,8 +7,8 @@ For the first listed layer, each tensor's stages timed alone (float64 upload and
 RoPE offset-averaged spectra, zero-offset spectra, zero-offset spectra with the HOSVD bases
 when the exact table is computed, exact GQA errors, the exact table, the rounding-noise
 estimate, the whole ``analyze_tensor``), repeated twice (the first includes warm-up); then
-``analyze()`` over the listed layers with one solver thread and with analyze's default
-(``solver_threads``: CUDA streams) or the ``--threads`` counts given, and whether the
+``analyze()`` over the listed layers inline (one thread) and with analyze's default
+(``concurrency``: CUDA streams) or the ``--streams`` settings given, and whether the
 documents are all equal. MODEL is any
 checkpoint ``tuckerctl analyze`` reads, e.g. one that ``benchmarks/run.py --workdir`` wrote.
 Prints JSON and writes ``<out>/profile-analyze.json`` when ``--out`` is given.
@@ -104,8 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("model")
     p.add_argument("--layers", default="0-3", help="layers for the analyze() runs (default 0-3)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", default=None,
-                   help="solver thread counts to compare, e.g. 1,2,4,6 (default: 1 and analyze's default)")
+    p.add_argument("--streams", default=None,
+                   help="analyze() settings to compare, TENSOR:SOLVER[:LAYERS] threads (CUDA streams) and layers "
+                        "in flight, e.g. 1:1,4:1,4:4:3 (default: 1:1 and analyze's default)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = resolve_device(args.device)
@@ -119,19 +120,22 @@ def main(argv=None) -> int:
            else None, "torch": torch.__version__, "dtype": dtype, "read_layer_s": round(t, 3),
            "stages": [stages(layer, dev, rope, groups, eps) for _ in range(2)]}
     docs = []
-    default = analysis.solver_threads
-    counts = [int(x) for x in args.threads.split(",")] if args.threads else [1, default(dev)]
+    default = (*analysis.concurrency(dev), analysis.LAYERS_IN_FLIGHT)
+    settings = [(1, 1, 1), default] if not args.streams else \
+        [tuple(int(x) for x in (s.split(":") + [str(default[2])])[:3]) for s in args.streams.split(",")]
     rec["analyze"] = []
-    for threads in counts:
-        analysis.solver_threads = lambda d, n=threads: n  # noqa: E731
+    for tensor, solver, window in settings:
+        saved = analysis.concurrency, analysis.LAYERS_IN_FLIGHT
+        analysis.concurrency = lambda d, n=(tensor, solver): n  # noqa: E731
+        analysis.LAYERS_IN_FLIGHT = window
         try:
             t, doc = timed(dev, partial(analysis.analyze, args.model, layers=indices, device=str(dev)))
         finally:
-            analysis.solver_threads = default
+            analysis.concurrency, analysis.LAYERS_IN_FLIGHT = saved
         doc["summary"].pop("seconds")
         docs.append(doc)
-        rec["analyze"].append({"threads": threads, "layers": len(indices), "seconds": round(t, 2),
-                               "per_layer_s": round(t / len(indices), 3)})
+        rec["analyze"].append({"tensor_threads": tensor, "solver_threads": solver, "layers_in_flight": window,
+                               "layers": len(indices), "seconds": round(t, 2), "per_layer_s": round(t / len(indices), 3)})
     rec["documents_equal"] = all(doc == docs[0] for doc in docs)
     rec["max_relative_difference"] = [largest_difference(docs[0], doc) for doc in docs]
     text = json.dumps(rec, indent=1)

@@ -24,19 +24,23 @@ from .distributed import join
 from .errors import InputError, arg
 from .exact import EXACT_TABLE_MAX_FLOPS, full_widths, gqa_errors, hosvd_residuals, table_flops
 from .loader import iter_layers, open_model
-from .multilinear import frobenius_norm_sq, mode_spectra, mode_spectra_with_bases, reduce
+from .multilinear import ModeSpectra, frobenius_norm_sq, mode_spectra_with_bases, reduce, spectrum_problems
 from .noise import mode_noise, relative_rms_error, resolution
 from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
-from .rope import DEFAULT_OFFSETS, Rotation, averaged_spectra
+from .rope import DEFAULT_OFFSETS, Rotation, averaged_problems
 from .schema import MODE_NAMES, SCHEMA
 from .streams import StreamPool
 from .usage import parse_layer_spec
 
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
-# Tensors computed at once on a GPU (threads, one CUDA stream each): 4-6 concurrent float64
-# eigensolves at n = 8192 took 0.38 s each on an H200 against 0.50 s alone.
+# On a GPU: tensors of up to LAYERS_IN_FLIGHT layers computed at once on TENSOR_STREAMS
+# threads, their eigenvalue problems on SOLVER_STREAMS more (one CUDA stream each), so that
+# the eigensolver -- most of the time -- always has several solves in flight: 4-6 concurrent
+# float64 solves at n = 8192 took 0.38 s each on an H200 against 0.50 s alone.
+TENSOR_STREAMS = 4
 SOLVER_STREAMS = 4
+LAYERS_IN_FLIGHT = 3
 
 
 def parse_layers(layers: str | Sequence[int] | None, count: int) -> list[int]:
@@ -110,39 +114,45 @@ def exact_tradeoff(red, groups: list[int], width: int, ceilings, bases=None) -> 
 
 def analyze_tensor(stack, names: tuple[str, str, str], energies, tol: float | None, device,
                    groups: list[int] | None = None, width: int | None = None,
-                   rope: tuple[Rotation, int] | None = None, eps: float = 0.0) -> dict:
+                   rope: tuple[Rotation, int] | None = None, eps: float = 0.0,
+                   solver: StreamPool | None = None) -> dict:
     """Spectra and effective ranks of one head stack (computed in float64); with ``groups``
     also the exact trade-off errors (:func:`exact_tradeoff`, under ``"exact"``); with ``rope``
     (rotation, offsets) the spectra are averaged over offsets 0..offsets-1 (:mod:`tuckerctl.rope`).
     Numerical ranks: above ``tol`` (relative) if given, else above the rounding noise of weights
-    stored with relative rms error ``eps``; either clamped to the method's floor (:mod:`tuckerctl.noise`)."""
+    stored with relative rms error ``eps``; either clamped to the method's floor (:mod:`tuckerctl.noise`).
+    ``solver``: a pool the eigenvalue problems are solved on while this thread computes the
+    rest (GPU: their own streams); without it they are solved here."""
     st = stack.to(device=device, dtype=torch.float64)
     red = reduce(st)
     bases = None
-    if rope:
-        spectra = averaged_spectra(red, *rope)
-    elif groups and table_flops(red) <= EXACT_TABLE_MAX_FLOPS:
+    if groups and not rope and table_flops(red) <= EXACT_TABLE_MAX_FLOPS:
         # The exact table needs every mode's vectors: one eigh/SVD per mode gives both.
         spectra, bases = mode_spectra_with_bases(red)
+        head_gram = spectra.head_gram
     else:
-        spectra = mode_spectra(red)
+        head_gram, problems = averaged_problems(red, *rope) if rope else spectrum_problems(red)
+        solver = solver or StreamPool(torch.device(device), 1)  # size 1: solved here, when submitted
+        pending = [solver.submit(pb.solve) for pb in problems]
     floors = resolution(red, averaged=rope is not None)
+    nu = mode_noise(red, st.shape[1], st.shape[2], eps, eps) if tol is None else None
+    exact = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings, bases) if groups else None
+    if bases is None:
+        spectra = ModeSpectra(*(job.result() for job in pending), head_gram)
     if tol is None:
-        nu = mode_noise(red, st.shape[1], st.shape[2], eps, eps)
         tols = [max(v / float(s[0]), f) if len(s) and float(s[0]) > 0 else f for v, s, f in zip(nu, spectra, floors)]
     else:
         tols = [max(tol, f) for f in floors]
-    gram = spectra.head_gram
-    diag = gram.diagonal().clamp_min(1e-300).sqrt()
-    cos = (gram / diag[:, None] / diag[None, :]).cpu()
+    diag = head_gram.diagonal().clamp_min(1e-300).sqrt()
+    cos = (head_gram / diag[:, None] / diag[None, :]).cpu()
     shape = st.shape
     modes = {name: mode_summary(s, size, ceil, energies, t, f)
              for name, s, size, ceil, t, f in zip(names, spectra, shape, st.ceilings, tols, floors)}
     # ||W||_F of the zero-offset form (the exact errors below are relative to it).
     out = {"shape": list(shape), "norm": float(frobenius_norm_sq(red).clamp_min(0).sqrt()),
            "modes": modes, "head_cosine": [[round(float(v), 6) for v in row] for row in cos]}
-    if groups:
-        out["exact"] = exact_tradeoff(red, groups, width or st.left.shape[2], st.ceilings, bases)
+    if exact is not None:
+        out["exact"] = exact
     return out
 
 
@@ -153,20 +163,22 @@ def _ranks_at(tensor: dict, tau: float) -> list[int]:
 def analyze_layer(layer: LayerWeights, energies, tol: float | None, device, groups: list[int] | None = None,
                   rope: tuple[Rotation, int] | None = None, eps: float = 0.0, gauge: bool = False) -> dict:
     """The layer's record: both tensors (:func:`analyze_tensor`) and the parameter counts."""
-    with StreamPool(torch.device(device), 1) as pool:
-        jobs = _layer_jobs(pool, layer, energies, tol, device, groups, rope, eps, gauge)
+    inline = StreamPool(torch.device(device), 1)
+    jobs = _layer_jobs(inline, inline, layer, energies, tol, device, groups, rope, eps, gauge)
     return _layer_record(layer.index, layer.params, {key: job.result() for key, job in jobs.items()})
 
 
-def _layer_jobs(pool: StreamPool, layer: LayerWeights, energies, tol, device, groups, rope, eps, gauge) -> dict:
-    """Both tensors of a layer submitted to ``pool``: {"pre": Future, "post": Future}."""
+def _layer_jobs(pool: StreamPool, solver: StreamPool, layer: LayerWeights, energies, tol, device, groups, rope,
+                eps, gauge) -> dict:
+    """Both tensors of a layer submitted to ``pool`` (their eigenvalue problems to ``solver``):
+    {"pre": Future, "post": Future}."""
     jobs = {}
     for key in ("pre", "post"):
         stack = getattr(layer, key)
         if gauge and key == "pre":
             stack = gauge_fixed(stack)
         jobs[key] = pool.submit(analyze_tensor, stack, MODE_NAMES[key], energies, tol, device, groups,
-                                stack.left.shape[2], rope if key == "pre" else None, eps)
+                                stack.left.shape[2], rope if key == "pre" else None, eps, solver)
     return jobs
 
 
@@ -180,10 +192,11 @@ def _layer_record(index: int, params: int, tensors: dict) -> dict:
     return out
 
 
-def solver_threads(device: torch.device) -> int:
-    """How many tensors analyze computes at once: on CUDA ``SOLVER_STREAMS`` (one stream
-    each), on the CPU one (its BLAS already uses every core)."""
-    return SOLVER_STREAMS if device.type == "cuda" else 1
+def concurrency(device: torch.device) -> tuple[int, int]:
+    """(tensor threads, eigensolver threads) of ``analyze``: on CUDA ``TENSOR_STREAMS`` and
+    ``SOLVER_STREAMS`` (one stream each), on the CPU (1, 1): computed inline, one after the
+    other (its BLAS already uses every core)."""
+    return (TENSOR_STREAMS, SOLVER_STREAMS) if device.type == "cuda" else (1, 1)
 
 
 def verdicts(spec: ModelSpec, layers: list[dict], noise: str = "the tolerance") -> list[str]:
@@ -269,13 +282,15 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
         if progress and group.writer:
             progress(len(results), len(mine))
 
-    with StreamPool(rank_dev, solver_threads(rank_dev)) as pool:
-        window = 1 if pool.size == 1 else 3
+    tensor_threads, solve_threads = concurrency(rank_dev)
+    with StreamPool(rank_dev, tensor_threads, "tuckerctl-tensor") as pool, \
+            StreamPool(rank_dev, solve_threads, "tuckerctl-eig") as solver:
+        window = 1 if pool.size == 1 else LAYERS_IN_FLIGHT
         for layer in iter_layers(adapter, ckpt, spec, mine, rank_dev):
             if noise_model is None:
                 eps, dtype = storage_eps(stored_dtype(ckpt, layer))
                 noise_model = {"dtype": dtype, "relative_rms": eps}
-            inflight.append((layer.index, layer.params, _layer_jobs(pool, layer, energy, tol, rank_dev, groups, rope,
+            inflight.append((layer.index, layer.params, _layer_jobs(pool, solver, layer, energy, tol, rank_dev, groups, rope,
                                                                      noise_model["relative_rms"], gauge)))
             while len(inflight) >= window:
                 finish_oldest()

@@ -134,7 +134,7 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
     rank <= r and, when r <= ``width``, a tail of exactly 0 (the SVD returned ~1e-32 ||W||^2)."""
     H, q, k = Z.shape
     r = red.rc.shape[2]
-    heads_gram = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)
+    heads_gram = functools.cache(lambda: red.lc.transpose(1, 2) @ red.lc)  # (H, r, r), if a group needs it
     # Grams of equal size are solved in one batched call and the tails summed on the device:
     # one solve and one host sync per group would leave a GPU mostly idle (hundreds per tensor).
     grams: dict[int, list[Tensor]] = {}
@@ -145,13 +145,13 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
         t = len(sources)
         if min(q, len(heads) * k, t * r) <= width:
             continue
-        if t * r <= min(q, len(heads) * k):
+        if t * r < min(q, len(heads) * k):  # smaller than the block itself: worth t small eighs
             idx = torch.as_tensor(heads, device=Z.device)
             src = torch.as_tensor(sources, device=Z.device)
             pos = torch.searchsorted(src, red.group[idx])
             # Summed per stored group by a 0/1 GEMM: a fixed order (index_add_'s CUDA atomics vary).
             onehot = (pos[None, :] == torch.arange(t, device=Z.device)[:, None]).to(Z.dtype)
-            M = (onehot @ heads_gram[idx].reshape(len(heads), r * r)).reshape(t, r, r)
+            M = (onehot @ heads_gram()[idx].reshape(len(heads), r * r)).reshape(t, r, r)
             vals, vecs = torch.linalg.eigh(M)
             X = vecs * vals.clamp_min(0).sqrt()[:, None, :] @ vecs.transpose(1, 2)  # M_g^1/2
             Rs = red.rc[src].permute(1, 0, 2).reshape(q, t * r) @ torch.block_diag(*X)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .multilinear import HeadStack, ModeSpectra, Reduced, _sandwich_sum, _top_eigvecs, group_sums, reduce
+from .multilinear import (HeadStack, ModeSpectra, Reduced, SpectrumProblem, _sandwich_sum, _top_eigvecs, group_sums,
+                          reduce)
 
 DEFAULT_OFFSETS = 2048
 
@@ -121,8 +122,16 @@ def _side_grams(red: Reduced, avg: Averager) -> tuple[Tensor, Tensor]:
     return left, right
 
 
-def _sqrt_eig(gram: Tensor) -> Tensor:
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+def averaged_problems(red: Reduced, rotation: Rotation,
+                      offsets: int = DEFAULT_OFFSETS) -> tuple[Tensor, list[SpectrumProblem]]:
+    """The averaged head Gram and the three eigenvalue problems (head, query, key) of
+    :func:`averaged_spectra`, built but not solved (the caller may solve them concurrently)."""
+    if red.lc.shape[2] != rotation.head_dim:
+        raise ValueError(f"head width {red.lc.shape[2]} does not match the rotation's {rotation.head_dim}")
+    avg = rotation.averager(offsets, red.lc.device, red.lc.dtype)
+    g1 = _head_gram(red, avg)
+    left, right = _side_grams(red, avg)
+    return g1, [SpectrumProblem(g, True) for g in (g1, left, right)]
 
 
 def averaged_spectra(stack: HeadStack | Reduced, rotation: Rotation, offsets: int = DEFAULT_OFFSETS) -> ModeSpectra:
@@ -130,12 +139,8 @@ def averaged_spectra(stack: HeadStack | Reduced, rotation: Rotation, offsets: in
     roots of the eigenvalues of the offset-averaged mode Grams (their squares sum to the mean
     over offsets of ||W_t||_F^2). ``head_gram`` is the averaged head Gram. Float64 recommended."""
     red = stack if isinstance(stack, Reduced) else reduce(stack)
-    if red.lc.shape[2] != rotation.head_dim:
-        raise ValueError(f"head width {red.lc.shape[2]} does not match the rotation's {rotation.head_dim}")
-    avg = rotation.averager(offsets, red.lc.device, red.lc.dtype)
-    g1 = _head_gram(red, avg)
-    left, right = _side_grams(red, avg)
-    return ModeSpectra(_sqrt_eig(g1), _sqrt_eig(left), _sqrt_eig(right), g1)
+    g1, problems = averaged_problems(red, rotation, offsets)
+    return ModeSpectra(*(pb.solve() for pb in problems), g1)
 
 
 def averaged_side_bases(stack: HeadStack, rotation: Rotation, r2: int, r3: int,

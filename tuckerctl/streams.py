@@ -20,15 +20,15 @@ import torch
 
 
 class StreamPool:
-    """``submit(fn, *args)`` -> Future; ``size`` threads (CUDA: one stream each), or inline
-    when ``size`` is 1. Use as a context manager (the threads are joined on exit)."""
+    """``submit(fn, *args)`` -> Future; ``size`` threads named ``name``-N (CUDA: one stream
+    each), or inline when ``size`` is 1. Use as a context manager (the threads are joined on exit)."""
 
-    def __init__(self, device: torch.device, size: int):
+    def __init__(self, device: torch.device, size: int, name: str = "tuckerctl"):
         self.device = device
         self.size = max(1, int(size))
         self._cuda = device.type == "cuda"
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="tuckerctl-solver") if self.size > 1 else None
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix=name) if self.size > 1 else None
         if self._cuda and self._pool is not None:
             # torch loads its CUDA linear-algebra library on first use, and two threads doing so at
             # once fail ("lazy wrapper should be called at most once"): load it here, in one thread.
