@@ -160,7 +160,9 @@ def emit_json(doc: dict, to_stdout: bool, output) -> None:
 
     ``output``: a :class:`tuckerctl.outputs.Target` from :func:`claim_json`, or a path
     (then claimed here: a new file only)."""
-    text = dumps_strict(doc, indent=1)
+    # Compact: json's C encoder only serves indent=None (a 70B document, 49 MB indented, took
+    # 4.3 s to encode indented and 1.4 s compact); `jq .` pretty-prints it for reading.
+    text = dumps_strict(doc, separators=(",", ":"))
     if output is not None:
         target = output if isinstance(output, Target) else claim(output, "json")
         write_text(target, text + "\n")
