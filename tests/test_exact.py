@@ -69,13 +69,34 @@ def test_gqa_residual_is_eckart_young_and_achieved():
 
 @pytest.mark.parametrize("d,width", [(40, 3), (40, 5), (6, 3), (6, 2)])
 def test_gqa_residual_of_groupings_that_mix_stored_groups_matches_dense(d, width):
-    # Heads of a GQA source regrouped across its stored key matrices: d = 40 takes the reduced
-    # D^1/2 R^T R D^1/2 route (t r <= q), d = 6 the block-Gram route (q < t r).
+    # Heads of a GQA source regrouped across its stored key matrices: at d = 40 a group with
+    # fewer stored sources than heads takes the reduced D^1/2 R^T R D^1/2 route (t r < |S| r),
+    # the others and d = 6 the block-Gram route.
     st = stack(8, 4, d, 3, seed=3)
     W = st.dense()
     for groups in ([[0, 2, 4, 6], [1, 3, 5, 7]], [[0, 1, 2, 7], [3, 4, 5, 6]], contiguous_groups(8, 2)):
         want = dense_gqa_residual(W, groups, width)
         assert gqa_residual(st, groups, width) == pytest.approx(want, rel=1e-9, abs=1e-12 * float((W ** 2).sum()))
+
+
+def test_gqa_residual_with_a_zero_head_falls_back_to_qr_and_matches_dense(monkeypatch):
+    # The key-side blocks use Cholesky factors of the heads' r x r Grams; a zero head's Gram is
+    # singular, so they come from thin QRs instead: same residuals as the dense oracle either way.
+    import tuckerctl.exact as exact
+
+    calls = []
+    qr = exact._r_factors
+    monkeypatch.setattr(exact, "_r_factors", lambda x: calls.append(x.shape) or qr(x))
+    for zero in (False, True):
+        st = stack(8, 4, 40, 3, seed=5)
+        if zero:
+            st.left[2] = 0
+        W = st.dense()
+        for groups in ([[0, 2, 4, 6], [1, 3, 5, 7]], [[0, 1, 2, 7], [3, 4, 5, 6]]):
+            want = dense_gqa_residual(W, groups, 3)
+            assert gqa_residual(st, groups, 3) == pytest.approx(want, rel=1e-9, abs=1e-12 * float((W ** 2).sum()))
+        assert bool(calls) == zero
+        calls.clear()
 
 
 def test_gqa_of_a_gqa_model_is_exact_at_its_own_grouping_and_one_group_is_the_key_tail():

@@ -110,9 +110,15 @@ def hosvd_residuals(stack: HeadStack | Reduced, grids: Sequence[Sequence[int]],
 
 def _key_side_blocks(red: Reduced) -> Tensor:
     """Z_h = rc_g(h) S_h^T (H, q, k): [Z_h]_{h in S} has the singular values of the stacked
-    right (key/value) side [W[h]^T]_{h in S} (S_h from thin QRs of lc_h)."""
-    S = _r_factors(red.lc)
-    return red.rc_heads @ S.transpose(1, 2)
+    right (key/value) side [W[h]^T]_{h in S}, for any S_h with S_h^T S_h = lc_h^T lc_h: the
+    (transposed) Cholesky factors of the r x r Grams (one batched call; a loop of H thin QRs of d x r on a
+    GPU), or the QRs' R when a Gram is singular (a zero or rank-deficient head)."""
+    H, p, r = red.lc.shape
+    if p >= r:
+        L, info = torch.linalg.cholesky_ex(red.left_grams)
+        if not bool(info.any()):
+            return red.rc_heads @ L
+    return red.rc_heads @ _r_factors(red.lc).transpose(1, 2)
 
 
 def gqa_residual(stack: HeadStack | Reduced, groups: Sequence[Sequence[int]], width: int) -> float:
@@ -134,7 +140,6 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
     rank <= r and, when r <= ``width``, a tail of exactly 0 (the SVD returned ~1e-32 ||W||^2)."""
     H, q, k = Z.shape
     r = red.rc.shape[2]
-    heads_gram = functools.cache(lambda: red.lc.transpose(1, 2) @ red.lc)  # (H, r, r), if a group needs it
     # Grams of equal size are solved in one batched call and the tails summed on the device:
     # one solve and one host sync per group would leave a GPU mostly idle (hundreds per tensor).
     grams: dict[int, list[Tensor]] = {}
@@ -151,7 +156,7 @@ def _gqa_residual(Z: Tensor, groups: Sequence[Sequence[int]], width: int, red: R
             pos = torch.searchsorted(src, red.group[idx])
             # Summed per stored group by a 0/1 GEMM: a fixed order (index_add_'s CUDA atomics vary).
             onehot = (pos[None, :] == torch.arange(t, device=Z.device)[:, None]).to(Z.dtype)
-            M = (onehot @ heads_gram()[idx].reshape(len(heads), r * r)).reshape(t, r, r)
+            M = (onehot @ red.left_grams[idx].reshape(len(heads), r * r)).reshape(t, r, r)
             vals, vecs = torch.linalg.eigh(M)
             X = vecs * vals.clamp_min(0).sqrt()[:, None, :] @ vecs.transpose(1, 2)  # M_g^1/2
             Rs = red.rc[src].permute(1, 0, 2).reshape(q, t * r) @ torch.block_diag(*X)

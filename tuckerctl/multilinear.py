@@ -15,6 +15,7 @@ float64 (recommended; the reductions are cheap) or float32. No I/O here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,18 @@ class Reduced:
     def rc_heads(self) -> Tensor:
         """Right coefficients expanded to one per head: (H, q, r)."""
         return self.rc[self.group]
+
+    # The r x r Grams of the coefficients, computed once per tensor: the norm, the mode Grams,
+    # the RoPE averages and the GQA errors all start from them.
+    @functools.cached_property
+    def left_grams(self) -> Tensor:
+        """lc_h^T lc_h: (H, r, r)."""
+        return self.lc.transpose(1, 2) @ self.lc
+
+    @functools.cached_property
+    def right_grams(self) -> Tensor:
+        """rc_g^T rc_g: (G, r, r)."""
+        return self.rc.transpose(1, 2) @ self.rc
 
     def lift_left(self, U: Tensor) -> Tensor:
         return U if self.QL is None else self.QL @ U
@@ -350,10 +363,10 @@ def _side_problem(red: Reduced, left: bool) -> SpectrumProblem:
     if left:
         if min(p, H * min(q, r)) <= _GRAM_ABOVE:
             return SpectrumProblem(_left_unfolding_core(red), False)
-        return SpectrumProblem(_sandwich_sum(red.lc, (red.rc.transpose(1, 2) @ red.rc)[red.group]), True)
+        return SpectrumProblem(_sandwich_sum(red.lc, red.right_grams[red.group]), True)
     if min(q, H * min(p, r)) <= _GRAM_ABOVE:
         return SpectrumProblem(_right_unfolding_core(red), False)
-    return SpectrumProblem(_sandwich_sum(red.rc, group_sums(red.lc.transpose(1, 2) @ red.lc, G)), True)
+    return SpectrumProblem(_sandwich_sum(red.rc, group_sums(red.left_grams, G)), True)
 
 
 def spectrum_problems(red: Reduced) -> tuple[Tensor, list[SpectrumProblem]]:
@@ -397,9 +410,7 @@ def mode_spectra_with_bases(red: Reduced) -> tuple[ModeSpectra, tuple[Tensor, Te
 
 def frobenius_norm_sq(red: Reduced) -> Tensor:
     """||W||_F^2 from the factors (trace of the head Gram)."""
-    a = red.lc.transpose(1, 2) @ red.lc  # (H, r, r)
-    b = red.rc_heads.transpose(1, 2) @ red.rc_heads
-    return (a * b).sum()
+    return (red.left_grams * red.right_grams[red.group]).sum()
 
 
 @dataclass

@@ -115,9 +115,9 @@ def _head_gram(red: Reduced, avg: Averager) -> Tensor:
 def _side_grams(red: Reduced, avg: Averager) -> tuple[Tensor, Tensor]:
     """Offset-averaged Grams of the left (query) and right (key) unfoldings, reduced coordinates."""
     G = red.rc.shape[0]
-    mbar = avg(red.rc.transpose(1, 2) @ red.rc)  # (G, r, r)
+    mbar = avg(red.right_grams)  # (G, r, r)
     left = _sandwich_sum(red.lc, mbar[red.group])
-    nbar = avg(red.lc.transpose(1, 2) @ red.lc, sign=-1)  # (H, r, r)
+    nbar = avg(red.left_grams, sign=-1)  # (H, r, r)
     right = _sandwich_sum(red.rc, group_sums(nbar, G))
     return left, right
 
