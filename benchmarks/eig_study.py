@@ -61,8 +61,9 @@ def timed(fn, reps: int = 1) -> float:
     return statistics.median(out)
 
 
-def concurrent(mats: list[torch.Tensor], solve) -> float:
-    """Wall time of solving every matrix at once, one thread + stream each."""
+def concurrent(mats: list[torch.Tensor], solve) -> tuple[float, float]:
+    """Wall time and the process's CPU time of solving every matrix at once, one thread +
+    stream each (cuSOLVER's syevd keeps its calling thread busy while it runs)."""
     barrier = threading.Barrier(len(mats) + 1)
 
     def work(m):
@@ -74,12 +75,12 @@ def concurrent(mats: list[torch.Tensor], solve) -> float:
     for th in threads:
         th.start()
     sync()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     barrier.wait()
     for th in threads:
         th.join()
     sync()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - cpu
 
 
 def top_eigvecs_randomized(a: torch.Tensor, k: int, iters: int = 2, over: int = 64):
@@ -107,10 +108,11 @@ def study_solves(sizes, out, log):
         for dt in (torch.float64, torch.float32):
             for k in ks:
                 mats = [gram(n, 10 + i, dt) for i in range(k)]
-                t = concurrent(mats, torch.linalg.eigvalsh)
+                t, cpu = concurrent(mats, torch.linalg.eigvalsh)
                 out.append({"what": "eigvalsh concurrent", "n": n, "dtype": str(dt)[6:], "k": k, "seconds": t,
-                            "per_matrix": t / k})
-                log(f"eigvalsh n={n} {str(dt)[6:]} x{k} at once: {t:.3f} s, {t / k:.3f} s per matrix")
+                            "per_matrix": t / k, "cpu_seconds": cpu})
+                log(f"eigvalsh n={n} {str(dt)[6:]} x{k} at once: {t:.3f} s, {t / k:.3f} s per matrix, "
+                    f"{cpu:.2f} CPU s")
                 del mats
                 if DEV.type == "cuda":
                     torch.cuda.empty_cache()
@@ -126,7 +128,7 @@ def study_vectors(out, log, n=8192, k=1024):
         out.append({"what": "eigh with vectors", "n": n, "dtype": str(dt)[6:], "seconds": t})
         log(f"eigh n={n} {str(dt)[6:]}: {t:.3f} s")
     b = [a.clone(), a.clone()]
-    t = concurrent(b, lambda m: torch.linalg.eigh(m.to(torch.float32))[0])
+    t, _ = concurrent(b, lambda m: torch.linalg.eigh(m.to(torch.float32))[0])
     out.append({"what": "eigh with vectors, float32, 2 at once", "n": n, "seconds": t, "per_matrix": t / 2})
     log(f"eigh n={n} float32 x2 at once: {t:.3f} s")
     ref_vals, ref_vecs = torch.linalg.eigh(a)

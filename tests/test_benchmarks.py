@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tuckerctl.checkpoint import open_safetensors
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,23 @@ def test_profile_analyze_runs_on_main(tmp_path, capsys):
     import profile_analyze
 
     assert profile_analyze.main([str(ROOT / "examples" / "tiny-gqa"), "--layers", "0-1", "--device", "cpu",
-                                 "--out", str(tmp_path)]) == 0
+                                 "--streams", "1:1:1,3:2:2", "--out", str(tmp_path)]) == 0
     rec = json.loads((tmp_path / "profile-analyze.json").read_text())
     assert rec["documents_equal"] is True and [r["layers"] for r in rec["analyze"]] == [2, 2]
+    assert [(r["tensor_threads"], r["solver_threads"], r["layers_in_flight"]) for r in rec["analyze"]] == \
+        [(1, 1, 1), (3, 2, 2)]
     assert rec["stages"][0]["pre"]["analyze_tensor_s"] > 0 and "exact_gqa_s" in rec["stages"][0]["post"]
+
+
+def test_read_study_reads_back_what_it_wrote(tmp_path, capsys):
+    """benchmarks/read_study.py: disk rates for each read plan, tuckerctl's reader on a checkpoint."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import read_study
+
+    ckpt = ROOT / "examples" / "tiny-gqa" / "model.safetensors"
+    assert read_study.main(["--dir", str(tmp_path), "--gb", "0.01", "--checkpoint", str(ckpt),
+                            "--out", str(tmp_path / "out")]) == 0
+    rec = json.loads((tmp_path / "out" / "read-study.json").read_text())
+    assert len(rec["reads_MBps"]) == 9 and all(v > 0 for v in rec["reads_MBps"].values())
+    assert rec["checkpoint_get"]["bytes"] == sum(i.nbytes for i in open_safetensors(ckpt).tensors.values())
+    assert not (tmp_path / "read-study.bin").exists()
