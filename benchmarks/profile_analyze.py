@@ -17,7 +17,6 @@ Prints JSON and writes ``<out>/profile-analyze.json`` when ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -25,8 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from run import emit  # noqa: E402
 
 from tuckerctl import analysis  # noqa: E402
 from tuckerctl.device import resolve_device  # noqa: E402
@@ -138,11 +139,7 @@ def main(argv=None) -> int:
                                "layers": len(indices), "seconds": round(t, 2), "per_layer_s": round(t / len(indices), 3)})
     rec["documents_equal"] = all(doc == docs[0] for doc in docs)
     rec["max_relative_difference"] = [largest_difference(docs[0], doc) for doc in docs]
-    text = json.dumps(rec, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile-analyze.json").write_text(text)
+    emit(rec, args.out, "profile-analyze.json")
     return 0
 
 

@@ -16,7 +16,6 @@ conversion to float32, finiteness check). Prints JSON; writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,21 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from run import emit, evict_file  # noqa: E402
 
 from tuckerctl import checkpoint  # noqa: E402
 
 MB = 1024 * 1024
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def write_file(path: Path, nbytes: int) -> float:
@@ -77,7 +69,7 @@ def read_parallel(path: Path, size: int, threads: int, chunk: int) -> None:
 
 def rate(path: Path, size: int, fn, *args, cold: bool = True) -> float:
     if cold:
-        evict(path)
+        evict_file(path)
     t = time.perf_counter()
     fn(path, size, *args)
     return round(size / (time.perf_counter() - t) / MB, 1)
@@ -89,13 +81,13 @@ def checkpoint_rates(files: list[Path]) -> dict:
     total = raw_s = get_s = 0.0
     for f in files:
         ck = checkpoint.open_safetensors(f)
-        evict(f)
+        evict_file(f)
         t = time.perf_counter()
         for name, info in ck.tensors.items():
             ck.raw_bytes(name)
             total += info.nbytes
         raw_s += time.perf_counter() - t
-        evict(f)
+        evict_file(f)
         t = time.perf_counter()
         for name in ck.tensors:
             ck.get(name)
@@ -127,11 +119,7 @@ def main(argv=None) -> int:
         path.unlink()
     if a.checkpoint:
         out["checkpoint_get"] = checkpoint_rates([Path(f) for f in a.checkpoint])
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "read-study.json").write_text(text)
+    emit(out, a.out, "read-study.json")
     return 0
 
 

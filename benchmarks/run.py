@@ -332,24 +332,35 @@ def peak_rss() -> int:
 def evict(path: str) -> int:
     """Drop the checkpoint's files from the page cache (fsync + POSIX_FADV_DONTNEED, best
     effort: no root needed) so that 'from disk' reads the disk. Returns bytes advised."""
-    done = 0
-    for f in Path(path).glob("*.safetensors"):
-        real = f.resolve()
+    return sum(evict_file(f.resolve()) for f in Path(path).glob("*.safetensors"))
+
+
+def evict_file(path: Path) -> int:
+    """Drop one file from the page cache (as :func:`evict`); its size if advised, else 0."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
         try:
-            fd = os.open(real, os.O_RDONLY)
+            os.fsync(fd)
         except OSError:
-            continue
-        try:
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                done += real.stat().st_size
-        finally:
-            os.close(fd)
-    return done
+            pass
+        if not hasattr(os, "posix_fadvise"):
+            return 0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return Path(path).stat().st_size
+    finally:
+        os.close(fd)
+
+
+def emit(rec: dict, out: str | None, name: str) -> None:
+    """Print a study's record as JSON and, with ``out``, write it to ``out/name``."""
+    text = json.dumps(rec, indent=1)
+    print(text)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text(text)
 
 
 def warm_up(dev: torch.device) -> None:

@@ -290,8 +290,9 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
             if noise_model is None:
                 eps, dtype = storage_eps(stored_dtype(ckpt, layer))
                 noise_model = {"dtype": dtype, "relative_rms": eps}
-            inflight.append((layer.index, layer.params, _layer_jobs(pool, solver, layer, energy, tol, rank_dev, groups, rope,
-                                                                     noise_model["relative_rms"], gauge)))
+            jobs = _layer_jobs(pool, solver, layer, energy, tol, rank_dev, groups, rope, noise_model["relative_rms"],
+                               gauge)
+            inflight.append((layer.index, layer.params, jobs))
             while len(inflight) >= window:
                 finish_oldest()
         while inflight:

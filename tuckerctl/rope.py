@@ -26,8 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .multilinear import (HeadStack, ModeSpectra, Reduced, SpectrumProblem, _sandwich_sum, _top_eigvecs, group_sums,
-                          reduce)
+from .multilinear import (
+    HeadStack,
+    ModeSpectra,
+    Reduced,
+    SpectrumProblem,
+    _sandwich_sum,
+    _top_eigvecs,
+    group_sums,
+    reduce,
+)
 
 DEFAULT_OFFSETS = 2048
 
