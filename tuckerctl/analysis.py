@@ -3,8 +3,9 @@
 Reads one layer at a time (the next one is read in a background thread while the
 current one is computed), so peak memory is one or two layers' attention weights
 plus O(d^2) work space, whatever the model size. On a GPU the tensors of up to three
-layers are computed at once, one CUDA stream each (:mod:`tuckerctl.streams`): a few
-more layers and d x d work spaces, still flat in the layer count.
+layers are computed at once, one CUDA stream each (:mod:`tuckerctl.streams`), and their
+eigenvalue problems are solved on a second pool of streams while each tensor's thread
+computes the rest: a few more layers and d x d work spaces, still flat in the layer count.
 """
 
 from __future__ import annotations
