@@ -3,6 +3,7 @@ thread) gives the document the one-after-the-other path gives."""
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_pool_runs_inline_with_one_thread_and_raises_where_asked():
         failed.result()
     with StreamPool(torch.device("cpu"), 2) as pool:
         assert pool.submit(lambda x: x + 1, 41).result() == 42
+
         with pytest.raises(ZeroDivisionError):
             pool.submit(lambda: 1 / 0).result()
 
@@ -81,3 +83,17 @@ def test_cuda_streams_give_the_one_stream_document(tmp_path, monkeypatch):
     one, _, _ = run(monkeypatch, model, "cuda", (1, 1))
     assert min(analysis.concurrency(torch.device("cuda"))) > 1 and len(seen) > 1 and len(solved) > 1
     assert streams == one
+
+
+def test_pool_threads_sum_like_the_creating_thread(monkeypatch):
+    # OpenMP's thread count is per thread: with one BLAS thread set here, workers that started from
+    # the process default (one per core) summed in another order (tiny-gqa: 3.9e-14 apart in CI).
+    model = Path(__file__).parents[1] / "examples" / "tiny-gqa"
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inline, _, _ = run(monkeypatch, model, "cpu", None)
+        threaded, seen, _ = run(monkeypatch, model, "cpu", (3, 2))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(seen) > 1 and threaded == inline

@@ -28,7 +28,10 @@ class StreamPool:
         self.size = max(1, int(size))
         self._cuda = device.type == "cuda"
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix=name) if self.size > 1 else None
+        # OpenMP's thread count is per thread and a new thread starts from the process default:
+        # the workers take the creating thread's, or BLAS would sum in another order than inline.
+        self._pool = ThreadPoolExecutor(self.size, thread_name_prefix=name, initializer=torch.set_num_threads,
+                                        initargs=(torch.get_num_threads(),)) if self.size > 1 else None
         if self._cuda and self._pool is not None:
             # torch loads its CUDA linear-algebra library on first use, and two threads doing so at
             # once fail ("lazy wrapper should be called at most once"): load it here, in one thread.
