@@ -91,3 +91,22 @@ def test_averaged_bases_minimise_the_offset_averaged_projection_error():
     s = averaged_spectra(st, rotation, T)
     assert err_left(U2) == pytest.approx(float((s.left[6:] ** 2).sum()), rel=1e-8)
     assert err_right(U3) == pytest.approx(float((s.right[5:] ** 2).sum()), rel=1e-8)
+
+
+@pytest.mark.parametrize("H,G", [(6, 3), (7, 7)])
+def test_averaged_head_gram_in_blocks_of_heads_matches_the_dense_one(H, G, monkeypatch):
+    # Blocks of 2 heads (the last one partial at H = 7): each block's rows from its diagonal
+    # block on, mirrored below; against mean_t <W_t[h], W_t[h']> of the dense rotated tensors.
+    import tuckerctl.rope as rope
+    from tuckerctl.multilinear import reduce
+
+    g = torch.Generator().manual_seed(H)
+    d, dh, T = 20, 8, 32
+    st = HeadStack(torch.randn(H, d, dh, generator=g, **f64), torch.randn(G, d, dh, generator=g, **f64))
+    monkeypatch.setattr(rope, "_HEAD_BLOCK_ELEMENTS", 2 * H * dh * dh)
+    _, W = dense_averaged(st, hf_rotations(dh, 100.0, 1.0, T))
+    want = torch.einsum("thij,tkij->hk", W, W) / T
+    got = rope._head_gram(reduce(st), Rotation.from_theta(dh, 100.0).averager(T))
+    assert torch.allclose(got, want, rtol=2e-6, atol=2e-6 * float(want.abs().max()))
+    assert torch.equal(got[2:, :2], got[:2, 2:].T)  # mirrored, not recomputed
+

@@ -86,8 +86,9 @@ def mode_noise(red: Reduced, m: int, n: int, eps_left: float, eps_right: float) 
     sR2 = eps_right ** 2 * fr2 / max(1, G * n * r)
     L2 = _spectral(_side(L)) ** 2
     R2 = _spectral(_side(R)) ** 2
-    Lg2 = max(_spectral(_side(L[g * per:(g + 1) * per])) ** 2 for g in range(G))
-    Rg2 = max(_spectral(R[g]) ** 2 for g in range(G))
+    # One stored group (MQA, MLA): the per-group sides are the whole sides, already measured.
+    Lg2 = L2 if G == 1 else max(_spectral(_side(L[g * per:(g + 1) * per])) ** 2 for g in range(G))
+    Rg2 = R2 if G == 1 else max(_spectral(R[g]) ** 2 for g in range(G))
     RgF = float((R * R).sum(dim=(1, 2)).max())
     flat = L.reshape(H, -1)
     K = max(float(torch.linalg.eigvalsh(flat[g * per:(g + 1) * per] @ flat[g * per:(g + 1) * per].T)[-1])
