@@ -202,3 +202,18 @@ def test_tucker_value_is_a_tensorly_tucker_tensor():
     with tl.backend_context("pytorch", local_threadsafe=True):
         for value in (t, tt):
             assert torch.allclose(tl.tucker_to_tensor(value), stack.dense(), atol=1e-12, rtol=0)
+
+
+def test_sandwich_sum_in_symmetric_row_blocks_matches_the_direct_sum():
+    # Large sides multiply only the row blocks from the diagonal rightwards and mirror the upper
+    # triangle (x = 601: uneven blocks); the direct float64 sum is the oracle.
+    from tuckerctl.multilinear import _sandwich_sum
+
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(5, 601, 7, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 7, 7, generator=g, dtype=torch.float64)
+    w = a @ a.transpose(1, 2)
+    want = sum(c[j] @ w[j] @ c[j].T for j in range(5))
+    got = _sandwich_sum(c, w)
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))

@@ -244,17 +244,28 @@ def _weighted_side_gram(X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
 # d = 4096 and agrees to ~1e-12 sigma_1 there; only values below ~sqrt(n eps) sigma_1
 # (~1e-6 sigma_1) are then at rounding level. Below it, an exact SVD of a small matrix.
 _GRAM_ABOVE = 512
+_SYMMETRIC_ROW_BLOCKS = 8
 
 
 def _sandwich_sum(c: Tensor, w: Tensor) -> Tensor:
-    """sum_j c_j w_j c_j^T for c: (J, x, r), w: (J, r, r), a block of j at a time."""
+    """sum_j c_j w_j c_j^T for c: (J, x, r), w: (J, r, r) symmetric, a block of j at a time.
+
+    The sum is symmetric: for large x only the blocks of rows from the diagonal rightwards are
+    multiplied (``_SYMMETRIC_ROW_BLOCKS`` of them, 56% of the flops) and the upper triangle is
+    mirrored."""
     J, x, r = c.shape
     out = torch.zeros(x, x, dtype=c.dtype, device=c.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, x * r))
+    n = _SYMMETRIC_ROW_BLOCKS if x >= _GRAM_ABOVE else 1
+    edges = [x * i // n for i in range(n + 1)]
     for s in range(0, J, step):
         block = c[s:s + step]
         cw = (block @ w[s:s + step]).permute(1, 0, 2).reshape(x, -1)
-        out += cw @ block.permute(1, 0, 2).reshape(x, -1).T
+        cb = block.permute(1, 0, 2).reshape(x, -1)
+        for a, b in zip(edges, edges[1:]):
+            out[a:b, a:] += cw[a:b] @ cb[a:].T
+    out.triu_()
+    out += out.triu(1).T
     return out
 
 
