@@ -100,6 +100,15 @@ def largest_difference(a, b) -> float:
     return 0.0 if a == b else float("inf")
 
 
+def streams_setting(text: str, window: int) -> tuple[int, int, int]:
+    """``TENSOR:SOLVER[:LAYERS]`` -> (tensor threads, solver threads, layers in flight)."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise SystemExit(f"--streams: {text!r} is not TENSOR:SOLVER[:LAYERS] (positive integers)")
+    tensor, solver, *rest = map(int, parts)
+    return tensor, solver, rest[0] if rest else window
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -122,8 +131,8 @@ def main(argv=None) -> int:
            "stages": [stages(layer, dev, rope, groups, eps) for _ in range(2)]}
     docs = []
     default = (*analysis.concurrency(dev), analysis.LAYERS_IN_FLIGHT)
-    settings = [(1, 1, 1), default] if not args.streams else \
-        [tuple(int(x) for x in (s.split(":") + [str(default[2])])[:3]) for s in args.streams.split(",")]
+    settings = [(1, 1, 1), default] if not args.streams else [streams_setting(s, default[2])
+                                                              for s in args.streams.split(",")]
     rec["analyze"] = []
     for tensor, solver, window in settings:
         saved = analysis.concurrency, analysis.LAYERS_IN_FLIGHT
