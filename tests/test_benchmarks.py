@@ -45,6 +45,21 @@ def test_profile_analyze_runs_on_main(tmp_path, capsys):
     assert rec["stages"][0]["pre"]["analyze_tensor_s"] > 0 and "exact_gqa_s" in rec["stages"][0]["post"]
 
 
+def test_profile_compress_runs_on_main(tmp_path, capsys):
+    """benchmarks/profile_compress.py: stage timings and compress() under two schedules, same records."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_compress
+
+    assert profile_compress.main([str(ROOT / "examples" / "tiny-gqa"), "--ranks", "2,8,4", "--device", "cpu",
+                                  "--settings", "1:1,3:2", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "profile-compress.json").read_text())
+    assert rec["records_equal"] is True and [(r["threads"], r["layers_in_flight"]) for r in rec["compress"]] == \
+        [(1, 1), (3, 2)]
+    assert all(rec["stages"][key]["compress_tensor_hooi2_s"] > 0 for key in ("pre", "post"))
+    with pytest.raises(SystemExit, match="THREADS:LAYERS"):
+        profile_compress.main([str(ROOT / "examples" / "tiny-gqa"), "--settings", "4"])
+
+
 def test_read_study_reads_back_what_it_wrote(tmp_path, capsys):
     """benchmarks/read_study.py: disk rates for each read plan, tuckerctl's reader on a checkpoint."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

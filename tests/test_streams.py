@@ -1,5 +1,5 @@
-"""analyze's concurrent path (tuckerctl.streams: several tensors at once, one CUDA stream per
-thread) gives the document the one-after-the-other path gives."""
+"""analyze's and compress's concurrent paths (tuckerctl.streams: several tensors at once, one
+CUDA stream per thread) give the document / checkpoint the one-after-the-other path gives."""
 
 import json
 import threading
@@ -9,9 +9,9 @@ import pytest
 import torch
 from oracle import save_llama_attention
 
-from tuckerctl import analysis
+from tuckerctl import analysis, compress
 from tuckerctl.multilinear import SpectrumProblem
-from tuckerctl.streams import StreamPool
+from tuckerctl.streams import StreamPool, pipelined
 
 LAYERS = 5  # save_llama_attention's default
 
@@ -97,3 +97,55 @@ def test_pool_threads_sum_like_the_creating_thread(monkeypatch):
     finally:
         torch.set_num_threads(saved)
     assert len(seen) > 1 and threaded == inline
+
+
+def compressed(monkeypatch, model, out, device, setting):
+    """compress at fixed ranks with ``setting`` = (threads, layers in flight) or None (the
+    device's default): (record without timing, {file: bytes}, threads the tensors ran on)."""
+    seen = set()
+    inner = compress._compress_tensor
+
+    def spy(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(compress, "_compress_tensor", spy)
+    if setting is not None:
+        monkeypatch.setattr(compress, "concurrency", lambda dev: setting)
+    info = compress.compress(model, out, ranks="4,24,12", hooi_iters=2, device=device)
+    monkeypatch.undo()
+    info["summary"].pop("seconds")
+    return info, {f.name: f.read_bytes() for f in sorted(Path(out).iterdir())}, seen
+
+
+def test_compress_threads_give_the_sequential_checkpoint(tmp_path, monkeypatch):
+    model = save_llama_attention(tmp_path / "m", torch.bfloat16, seed=5)
+    here = threading.current_thread().name
+    one, files_one, seen_one = compressed(monkeypatch, model, tmp_path / "one", "cpu", None)  # CPU: inline
+    assert seen_one == {here}
+    many, files_many, seen_many = compressed(monkeypatch, model, tmp_path / "many", "cpu", (3, 2))
+    assert len(seen_many) > 1 and all(name.startswith("tuckerctl-tensor") for name in seen_many)
+    assert [rec["index"] for rec in many["layers"]] == list(range(LAYERS))
+    assert many == one
+    assert files_many.keys() == files_one.keys() and files_many == files_one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compress_cuda_streams_give_the_one_stream_checkpoint(tmp_path, monkeypatch):
+    model = save_llama_attention(tmp_path / "m", torch.bfloat16, seed=5)
+    streams, files_streams, seen = compressed(monkeypatch, model, tmp_path / "streams", "cuda", None)
+    one, files_one, _ = compressed(monkeypatch, model, tmp_path / "one", "cuda", (1, 1))
+    assert compress.concurrency(torch.device("cuda"))[0] > 1 and len(seen) > 1
+    assert streams == one and files_streams == files_one
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 10])
+def test_pipelined_starts_window_minus_one_ahead_in_order(window):
+    started = []
+    handed = []
+    for item, value in pipelined(range(6), lambda i: started.append(i) or i * i, window):
+        handed.append(item)
+        assert value == item * item
+        # what has been started: the item handed out and up to window - 1 after it
+        assert started == list(range(min(6, item + max(window, 1))))
+    assert handed == list(range(6))

@@ -11,7 +11,6 @@ computes the rest: a few more layers and d x d work spaces, still flat in the la
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -31,7 +30,7 @@ from .pareto import gqa_groups, rank_grid
 from .ranks import DEFAULT_ENERGY, energy_rank, family_ceilings, mode_summary, tucker_params
 from .rope import DEFAULT_OFFSETS, Rotation, averaged_problems
 from .schema import MODE_NAMES, SCHEMA
-from .streams import StreamPool
+from .streams import StreamPool, pipelined
 from .usage import parse_layer_spec
 
 PARAMS_ENERGY = 0.99  # energy level of the "Tucker at measured ranks" parameter count
@@ -273,31 +272,24 @@ def analyze(path, *, config=None, heads=None, kv_heads=None, head_dim=None, fami
     # rank 0's, i.e. that of the first layer, as in one process.
     group, rank_dev = join(dev)
     mine = group.shard(indices)
-    # On a GPU the tensors of up to `window` layers are in flight at once on a pool of
+    # On a GPU the tensors of up to LAYERS_IN_FLIGHT layers are in flight at once on a pool of
     # streams while the loader reads the next layer; on the CPU one after the other, inline.
-    inflight: deque = deque()
-
-    def finish_oldest() -> None:
-        index, params, jobs = inflight.popleft()
-        results.append(_layer_record(index, params, {key: job.result() for key, job in jobs.items()}))
-        if progress and group.writer:
-            progress(len(results), len(mine))
-
     tensor_threads, solve_threads = concurrency(rank_dev)
     with StreamPool(rank_dev, tensor_threads, "tuckerctl-tensor") as pool, \
             StreamPool(rank_dev, solve_threads, "tuckerctl-eig") as solver:
-        window = 1 if pool.size == 1 else LAYERS_IN_FLIGHT
-        for layer in iter_layers(adapter, ckpt, spec, mine, rank_dev):
+        def submit_layer(layer):
+            nonlocal noise_model
             if noise_model is None:
                 eps, dtype = storage_eps(stored_dtype(ckpt, layer))
                 noise_model = {"dtype": dtype, "relative_rms": eps}
-            jobs = _layer_jobs(pool, solver, layer, energy, tol, rank_dev, groups, rope, noise_model["relative_rms"],
-                               gauge)
-            inflight.append((layer.index, layer.params, jobs))
-            while len(inflight) >= window:
-                finish_oldest()
-        while inflight:
-            finish_oldest()
+            return _layer_jobs(pool, solver, layer, energy, tol, rank_dev, groups, rope,
+                               noise_model["relative_rms"], gauge)
+
+        window = 1 if pool.size == 1 else LAYERS_IN_FLIGHT
+        for layer, jobs in pipelined(iter_layers(adapter, ckpt, spec, mine, rank_dev), submit_layer, window):
+            results.append(_layer_record(layer.index, layer.params, {key: job.result() for key, job in jobs.items()}))
+            if progress and group.writer:
+                progress(len(results), len(mine))
     results = sorted((r for part in group.all_gather(results) for r in part), key=lambda r: r["index"])
     noise_model = next((m for m in group.all_gather(noise_model) if m is not None), None)
     tables: dict = {}

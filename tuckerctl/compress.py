@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from .multilinear import clamp_ranks, mode_spectra, reduce, tucker
 from .options import compress_choice, parse_ranks
 from .outputs import claim
 from .ranks import tucker_params
-from .streams import StreamPool
+from .streams import StreamPool, pipelined
 from .tucker_format import (
     PARTS,
     PER_HEAD,
@@ -374,11 +373,17 @@ def _compress_tensor(layer, key, dev, calib, budget, energy, fixed_pre, fixed_po
     return entry, parts, notes
 
 
-def _concurrently(calls, dev: torch.device) -> list:
-    """Results of ``calls``; on CUDA each runs in its own thread and stream (the two
-    tensors of a layer then share the GPU: one eigensolver leaves most of it idle)."""
-    with StreamPool(dev, len(calls) if dev.type == "cuda" else 1) as pool:
-        return [job.result() for job in [pool.submit(call) for call in calls]]
+# On a GPU the tensors of up to LAYERS_IN_FLIGHT layers are decomposed at once on STREAMS
+# threads (one CUDA stream each): a tensor's HOSVD and HOOI steps depend on each other, one
+# dense eigensolver leaves most of the GPU idle, so independent tensors fill it.
+STREAMS = 4
+LAYERS_IN_FLIGHT = 2
+
+
+def concurrency(device: torch.device) -> tuple[int, int]:
+    """(threads, layers in flight) of ``compress``: ``STREAMS`` and ``LAYERS_IN_FLIGHT`` on
+    CUDA, (1, 1) on the CPU (inline, one tensor after the other: BLAS uses every core)."""
+    return (STREAMS, LAYERS_IN_FLIGHT) if device.type == "cuda" else (1, 1)
 
 
 def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post: Sequence[int] | str | None = None,
@@ -446,25 +451,31 @@ def compress(path, out, *, ranks: Sequence[int] | str | None = None, ranks_post:
                            kind, calib, group, tensors) if params is not None else None
     done = []  # per layer of this rank's share: (record, factors, notes)
     store = None
-    for k, layer in enumerate(iter_layers(adapter, ckpt, spec, group.shard(indices), dev)):
-        if store is None:
-            dtype = dtype or _SOURCE_STORE.get(ckpt.dtype(layer.tensors[0]), "float32")
-            store = STORE_DTYPES[dtype]
-        rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors,
-               "structure": tensor_structure("pre", kind, fixed_pre is not None, tensors == "post")}
-        outs = _concurrently([partial(_compress_tensor, layer, key, dev, calib, budget, energy, fixed_pre, fixed_post,
-                                      kind, hooi_iters, store, spec, tensors) for key in ("pre", "post")], dev)
-        factors: dict[str, torch.Tensor] = {}
-        notes = []
-        for key, (entry, parts, note) in zip(("pre", "post"), outs):
-            factors.update({factor_name(layer.index, key, part): x for part, x in parts.items()})
-            rec[key] = entry
-            notes += note
-        if layer.out_bias is not None:
-            factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
-        done.append((rec, factors, notes))
-        if progress:
-            progress(k + 1 + (steps - len(indices)), steps)
+    threads, window = concurrency(dev)
+    with StreamPool(dev, threads, "tuckerctl-tensor") as pool:
+        def submit_layer(layer):
+            nonlocal dtype, store
+            if store is None:
+                dtype = dtype or _SOURCE_STORE.get(ckpt.dtype(layer.tensors[0]), "float32")
+                store = STORE_DTYPES[dtype]
+            return [pool.submit(_compress_tensor, layer, key, dev, calib, budget, energy, fixed_pre, fixed_post,
+                                kind, hooi_iters, store, spec, tensors) for key in ("pre", "post")]
+
+        for layer, jobs in pipelined(iter_layers(adapter, ckpt, spec, group.shard(indices), dev), submit_layer, window):
+            rec = {"index": layer.index, "params_original": layer.params, "source_tensors": layer.tensors,
+                   "structure": tensor_structure("pre", kind, fixed_pre is not None, tensors == "post")}
+            factors: dict[str, torch.Tensor] = {}
+            notes = []
+            for key, job in zip(("pre", "post"), jobs):
+                entry, parts, note = job.result()
+                factors.update({factor_name(layer.index, key, part): x for part, x in parts.items()})
+                rec[key] = entry
+                notes += note
+            if layer.out_bias is not None:
+                factors[f"{TENSOR_PREFIX}.{layer.index}.out_bias"] = layer.out_bias.to(store).cpu().contiguous()
+            done.append((rec, factors, notes))
+            if progress:
+                progress(len(done) + (steps - len(indices)), steps)
     # Under torchrun rank 0 collects every layer's factors and alone writes the checkpoint.
     parts = group.gather(done)
     if parts is None:

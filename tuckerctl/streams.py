@@ -13,7 +13,8 @@ GPU runs them changes. With ``size`` 1 calls run inline, when submitted: the CPU
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -75,3 +76,17 @@ class StreamPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def pipelined(items: Iterable, start: Callable, window: int) -> Iterator[tuple]:
+    """``(item, start(item))`` pairs, oldest first, with ``start`` called up to ``window`` - 1
+    items ahead of the pair being handed out: what ``start`` submits to a pool runs while
+    the caller waits on the oldest (and, when ``items`` is a reading pipeline, while the
+    next item is read). ``window`` 1: start, hand out, then the next."""
+    inflight: deque = deque()
+    for item in items:
+        inflight.append((item, start(item)))
+        while len(inflight) >= max(1, window):
+            yield inflight.popleft()
+    while inflight:
+        yield inflight.popleft()
