@@ -9,7 +9,9 @@ when the exact table is computed, exact GQA errors, the exact table, the roundin
 estimate, the whole ``analyze_tensor``), repeated twice (the first includes warm-up); then
 ``analyze()`` over the listed layers inline (one thread) and with analyze's default
 (``concurrency``: CUDA streams) or the ``--streams`` settings given, and whether the
-documents are all equal. MODEL is any
+documents are all equal. ``--trace``: the first layer's tensors once more, inline, with every
+stage function and torch.linalg solver timed by ``synctrace`` (calls, inclusive and self
+seconds). MODEL is any
 checkpoint ``tuckerctl analyze`` reads, e.g. one that ``benchmarks/run.py --workdir`` wrote.
 Prints JSON and writes ``<out>/profile-analyze.json`` when ``--out`` is given.
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from run import emit  # noqa: E402
+from synctrace import SyncTrace  # noqa: E402
 
 from tuckerctl import analysis  # noqa: E402
 from tuckerctl.device import resolve_device  # noqa: E402
@@ -81,6 +84,28 @@ def stages(layer, dev, rope, groups, eps) -> dict:
     return out
 
 
+TRACED = ["tuckerctl.analysis.analyze_tensor", "tuckerctl.multilinear.reduce", "tuckerctl.multilinear.head_gram",
+          "tuckerctl.multilinear._sandwich_sum", "tuckerctl.multilinear._side_problem",
+          "tuckerctl.multilinear.SpectrumProblem.solve", "tuckerctl.rope.averaged_problems",
+          "tuckerctl.noise.mode_noise", "tuckerctl.noise._spectral", "tuckerctl.noise.resolution",
+          "tuckerctl.analysis.exact_tradeoff", "tuckerctl.exact._key_side_blocks",
+          "tuckerctl.exact._key_side_similarity", "tuckerctl.exact._gqa_residual", "tuckerctl.exact._greedy_groups",
+          "tuckerctl.ranks.mode_summary", "torch.linalg.eigvalsh", "torch.linalg.eigh", "torch.linalg.qr",
+          "torch.linalg.svdvals", "torch.linalg.svd", "torch.linalg.cholesky"]
+
+
+def traced(layer, dev, rope, groups, eps) -> dict:
+    """Both tensors of ``layer`` through analyze_tensor inline, every TRACED function timed."""
+    out = {}
+    for key in ("pre", "post"):
+        stack = getattr(layer, key).to(device=dev, dtype=torch.float64)
+        with SyncTrace(dev, TRACED) as tr:
+            analysis.analyze_tensor(stack, MODE_NAMES[key], analysis.DEFAULT_ENERGY, None, dev, groups,
+                                    stack.left.shape[2], rope if key == "pre" else None, eps)
+        out[key] = tr.table()
+    return out
+
+
 def largest_difference(a, b) -> float:
     """Largest difference between two documents' numbers, relative to each list's (or number's)
     largest magnitude; inf where their structure or any non-number differs."""
@@ -117,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default=None,
                    help="analyze() settings to compare, TENSOR:SOLVER[:LAYERS] threads (CUDA streams) and layers "
                         "in flight, e.g. 1:1,4:1,4:4:3 (default: 1:1 and analyze's default)")
+    p.add_argument("--trace", action="store_true", help="also time every stage function (synctrace)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = resolve_device(args.device)
@@ -129,6 +155,8 @@ def main(argv=None) -> int:
     rec = {"model": str(args.model), "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else None, "torch": torch.__version__, "dtype": dtype, "read_layer_s": round(t, 3),
            "stages": [stages(layer, dev, rope, groups, eps) for _ in range(2)]}
+    if args.trace:
+        rec["trace"] = traced(layer, dev, rope, groups, eps)
     docs = []
     default = (*analysis.concurrency(dev), analysis.LAYERS_IN_FLIGHT)
     settings = [(1, 1, 1), default] if not args.streams else [streams_setting(s, default[2])

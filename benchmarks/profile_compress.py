@@ -9,7 +9,8 @@ sweeps (so the cost of the HOSVD and of one sweep), and its largest mode Gram's 
 (with vectors, float64) alone and with k = 2, 4 of them at once on their own streams (the
 floor of the sweeps); then ``compress()`` over every layer of MODEL for each
 ``THREADS:LAYERS`` setting (threads/CUDA streams, layers in flight; 2:1 was compress's
-schedule before the layer pipeline) and whether the records are all equal. Prints JSON and
+schedule before the layer pipeline) and whether the records are all equal. ``--trace``: the
+first layer's tensors once more with every stage function timed (``synctrace``). Prints JSON and
 writes ``<out>/profile-compress.json`` when ``--out`` is given.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from profile_analyze import timed  # noqa: E402
 from run import emit  # noqa: E402
+from synctrace import SyncTrace  # noqa: E402
 
 from tuckerctl import compress as compress_module  # noqa: E402
 from tuckerctl.device import resolve_device  # noqa: E402
@@ -53,7 +56,15 @@ def eigh_at_once(gram: torch.Tensor, k: int, dev: torch.device) -> float:
     return t / k
 
 
-def stages(model: str, ranks, dev: torch.device) -> dict:
+TRACED = ["tuckerctl.compress._compress_tensor", "tuckerctl.compress._per_head", "tuckerctl.multilinear.tucker",
+          "tuckerctl.multilinear.reduce", "tuckerctl.multilinear.clamp_ranks", "tuckerctl.multilinear.head_gram",
+          "tuckerctl.multilinear._side_problem", "tuckerctl.multilinear._sandwich_sum",
+          "tuckerctl.multilinear._top_eigvecs", "tuckerctl.multilinear._weighted_side_gram",
+          "tuckerctl.multilinear._core_reduced", "tuckerctl.multilinear._rel_error",
+          "tuckerctl.multilinear.frobenius_norm_sq", "torch.linalg.eigh", "torch.linalg.qr", "torch.linalg.svd"]
+
+
+def stages(model: str, ranks, dev: torch.device, trace: bool = False) -> dict:
     ckpt, adapter, spec = open_model(model, attention_only=False)
     layer = adapter.layer(ckpt, spec, 0)
     kind = compress_module.choose_structure(spec, "auto")
@@ -74,6 +85,11 @@ def stages(model: str, ranks, dev: torch.device) -> dict:
             if dev.type == "cuda":
                 rec["eigh_per_matrix_s"] = {k: round(eigh_at_once(big.matrix, k, dev), 4) for k in (1, 2, 4)}
         out[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}
+        if trace:
+            with SyncTrace(dev, TRACED) as tr:
+                compress_module._compress_tensor(layer, key, dev, None, None, None, ranks, ranks, kind, 2,
+                                                 torch.float32, spec)
+            out[key]["trace"] = tr.table()
     return out
 
 
@@ -87,6 +103,7 @@ def main(argv=None) -> int:
                    help="compress() settings to compare, THREADS:LAYERS, e.g. 1:1,2:1,4:2 (default: 1:1 and "
                         "compress's default for the device)")
     p.add_argument("--skip-stages", action="store_true")
+    p.add_argument("--trace", action="store_true", help="also time every stage function (synctrace)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = resolve_device(args.device)
@@ -94,27 +111,44 @@ def main(argv=None) -> int:
     rec = {"model": str(args.model), "device": str(dev), "torch": torch.__version__, "ranks": list(ranks),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
     if not args.skip_stages:
-        rec["stages"] = stages(args.model, ranks, dev)
+        rec["stages"] = stages(args.model, ranks, dev, args.trace)
     chosen = ([setting(s) for s in args.settings.split(",")] if args.settings
               else [(1, 1), compress_module.concurrency(dev)])
     records, rec["compress"] = [], []
-    saved = compress_module.concurrency
+    saved = compress_module.concurrency, compress_module._compress_tensor
     with tempfile.TemporaryDirectory() as tmp:
         for n, (threads, window) in enumerate(chosen):
+            jobs, done = [], []
+            t0 = time.perf_counter()
+
+            def job(layer, key, *rest, inner=saved[1], jobs=jobs, t0=t0):
+                start = time.perf_counter() - t0
+                try:
+                    return inner(layer, key, *rest)
+                finally:
+                    jobs.append([layer.index, key, threading.current_thread().name, round(start, 3),
+                                 round(time.perf_counter() - t0, 3)])
+
             compress_module.concurrency = lambda d, s=(threads, window): s  # noqa: E731
+            compress_module._compress_tensor = job
             try:
                 t0 = time.perf_counter()
-                info = compress_module.compress(args.model, Path(tmp) / f"out{n}", ranks=ranks,
-                                                hooi_iters=args.hooi_iters, device=str(dev), dtype="float32")
+                info = compress_module.compress(
+                    args.model, Path(tmp) / f"out{n}", ranks=ranks, hooi_iters=args.hooi_iters, device=str(dev),
+                    dtype="float32", progress=lambda k, total, done=done, t0=t0: done.append(
+                        round(time.perf_counter() - t0, 3)))
                 t = time.perf_counter() - t0
             finally:
-                compress_module.concurrency = saved
+                compress_module.concurrency, compress_module._compress_tensor = saved
             info["summary"].pop("seconds")
             records.append(info)
             layers = len(info["layers"])
+            steady = (done[-1] - done[0]) / (layers - 1) if layers > 1 else None
             rec["compress"].append({"threads": threads, "layers_in_flight": window, "layers": layers,
                                     "seconds": round(t, 2), "per_layer_s": round(t / layers, 3),
-                                    "max_rel_error": info["summary"]["max_rel_error"]})
+                                    "steady_per_layer_s": steady and round(steady, 3),
+                                    "max_rel_error": info["summary"]["max_rel_error"],
+                                    "layer_done_s": done, "jobs": sorted(jobs, key=lambda j: j[3])})
     rec["records_equal"] = all(r == records[0] for r in records)
     emit(rec, args.out, "profile-compress.json")
     return 0
