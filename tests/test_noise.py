@@ -7,7 +7,7 @@ import torch
 
 from tuckerctl.analysis import analyze_tensor
 from tuckerctl.multilinear import HeadStack, reduce
-from tuckerctl.noise import GGUF_EPS, mode_noise, relative_rms_error
+from tuckerctl.noise import GGUF_EPS, largest_eigenvalues, largest_sq_singular, mode_noise, relative_rms_error
 
 f64 = dict(dtype=torch.float64)
 
@@ -25,6 +25,58 @@ def test_noise_estimate_matches_the_actual_rounding_perturbation(H, G, d, r, dty
     est = mode_noise(reduce(stored), d, d, eps, eps)
     for t, e in zip(true, est):
         assert 0.8 * t <= e <= 2.0 * t
+
+
+def test_largest_eigenvalues_from_powers_match_eigvalsh():
+    g = torch.Generator().manual_seed(3)
+    for k in (1, 2, 9, 200):
+        X = torch.randn(6, k, max(1, k // 2), generator=g, **f64)
+        A = X @ X.mT
+        A[2] = 0  # a zero matrix reads 0, not NaN
+        want = torch.linalg.eigvalsh(A)[:, -1].clamp_min(0)
+        got = largest_eigenvalues(A)
+        assert got[2] == 0 and torch.allclose(got, want, rtol=1e-12, atol=0)
+    # A repeated top eigenvalue (multiplicity 3): the bound's bias, ln(3) 2^-32, and no more.
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, **f64))[0]
+    d = torch.cat([torch.ones(3, **f64), torch.linspace(0.7, 0, 37, **f64)])
+    top = float(largest_eigenvalues(((Q * d) @ Q.T)[None])[0])
+    assert 1 <= top <= 1 + 3e-10
+
+
+def test_largest_singular_values_of_a_batch():
+    g = torch.Generator().manual_seed(4)
+    small = torch.randn(5, 300, 40, generator=g, **f64)  # Gram route (short side <= 256)
+    assert largest_sq_singular(small) == pytest.approx(float(torch.linalg.svdvals(small)[:, 0].max()) ** 2, rel=1e-12)
+    assert largest_sq_singular(small.mT) == pytest.approx(largest_sq_singular(small), rel=1e-12)
+    big = torch.randn(3, 300, 280, generator=g, **f64) * torch.logspace(0, -2, 280, **f64)  # power iteration
+    assert largest_sq_singular(big) == pytest.approx(float(torch.linalg.svdvals(big)[:, 0].max()) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("H,G,p,r", [(16, 16, 40, 6), (12, 3, 30, 4), (6, 2, 300, 50)])
+def test_mode_noise_terms_match_per_group_spectral_norms(H, G, p, r):
+    """The batched per-group norms (one batch for MLA's group per head) against each group's
+    float64 SVD, through the formulas of the module docstring."""
+    g = torch.Generator().manual_seed(H * G)
+    L = torch.randn(H, p, r, generator=g, **f64) * torch.logspace(0, -1, r, **f64)
+    R = torch.randn(G, p, r, generator=g, **f64) * torch.logspace(0, -2, r, **f64)
+    red = reduce(HeadStack(L, R))
+    L, R = red.lc, red.rc
+    per, m, n, eps = H // G, 2 * p, 3 * p, 1e-3
+    norm2 = lambda X: float(torch.linalg.matrix_norm(X, 2)) ** 2  # noqa: E731
+    side = lambda X: X.permute(1, 0, 2).reshape(X.shape[1], -1)  # noqa: E731
+    fl2, fr2 = float((L * L).sum()), float((R * R).sum())
+    sL2, sR2 = eps ** 2 * fl2 / (H * m * r), eps ** 2 * fr2 / (G * n * r)
+    L2, R2 = norm2(side(L)), norm2(side(R))
+    Lg2 = max(norm2(side(L[k * per:(k + 1) * per])) for k in range(G))
+    Rg2 = max(norm2(R[k]) for k in range(G))
+    RgF = float((R * R).sum(dim=(1, 2)).max())
+    K = max(norm2(L[k * per:(k + 1) * per].reshape(per, -1)) for k in range(G))
+    want = (((sL2 * m * RgF + sR2 * n * K) ** 0.5 + (sL2 * per * R2 + sR2 * L2) ** 0.5),
+            ((sL2 * per * fr2 + sR2 * n * L2) ** 0.5 + (sL2 * m * Rg2 + sR2 * K) ** 0.5),
+            ((sR2 * fl2 + sL2 * m * per * R2) ** 0.5 + (sR2 * n * Lg2 + sL2 * RgF) ** 0.5))
+    got = mode_noise(red, m, n, eps, eps)
+    rel = 1e-2 if min(p, r * H) > 256 else 1e-10  # 40 power iterations above 256 on the short side
+    assert got == pytest.approx(want, rel=rel)
 
 
 def test_float_rounding_model_matches_measured_relative_error():
