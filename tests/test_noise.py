@@ -36,6 +36,9 @@ def test_largest_eigenvalues_from_powers_match_eigvalsh():
         want = torch.linalg.eigvalsh(A)[:, -1].clamp_min(0)
         got = largest_eigenvalues(A)
         assert got[2] == 0 and torch.allclose(got, want, rtol=1e-12, atol=0)
+    bad = A.clone()
+    bad[1, 0, 0] = float("nan")
+    assert torch.isnan(largest_eigenvalues(bad)[1]) and not torch.isnan(largest_eigenvalues(bad)[0])
     # A repeated top eigenvalue (multiplicity 3): the bound's bias, ln(3) 2^-32, and no more.
     Q = torch.linalg.qr(torch.randn(40, 40, generator=g, **f64))[0]
     d = torch.cat([torch.ones(3, **f64), torch.linspace(0.7, 0, 37, **f64)])

@@ -76,7 +76,8 @@ def largest_eigenvalues(grams: Tensor) -> Tensor:
         t = X.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)
         log_mu += t.log() / 2 ** (j + 1)
         X = X / t[:, None, None]
-    return torch.where(traces > 0, scale * log_mu.exp(), torch.zeros_like(traces))
+    # A zero matrix reads 0; a NaN stays NaN (never masked as 0).
+    return torch.where(traces != 0, scale * log_mu.exp(), torch.zeros_like(traces))
 
 
 def largest_sq_singular(blocks: Tensor, iters: int = 40) -> float:
